@@ -1,0 +1,132 @@
+"""Command line: serve | check-config | demo."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+
+import trio
+
+from .client import EarlyPipeliningClient
+from .config import Address, Config, ConfigError, load_config
+from .demomta import DemoMessage, DemoMTA
+from .metrics import Metrics
+from .server import run_until_signal, serve
+
+log = logging.getLogger("pipeconnect")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"pipeconnect-proxy: {exc}", file=sys.stderr)
+        return 2
+    if args.log_format:
+        config = dataclasses.replace(
+            config, log=dataclasses.replace(config.log, format=args.log_format)
+        )
+    _setup_logging(args.log_level)
+    trio.run(run_until_signal, config, Metrics())
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"{args.config}: {exc}", file=sys.stderr)
+        return 1
+    listeners = ", ".join(str(a) for a in config.listen.plain) or "none"
+    print(f"{args.config}: OK (plain: {listeners}; upstream {config.upstream.address})")
+    return 0
+
+
+async def _demo(rounds: int) -> None:
+    def show(msg: DemoMessage) -> None:
+        print(
+            f"  demo MTA <= {msg.mail_from} -> {', '.join(msg.rcpts)} via {msg.via}, "
+            f"{len(msg.data)} bytes, client {msg.client_addr} (from the PROXY header), "
+            f"HELO {msg.helo}"
+        )
+
+    mta = DemoMTA(proxy_protocol=True, on_message=show)
+    async with trio.open_nursery() as nursery:
+        mta_port: int = await nursery.start(mta.serve)
+        base = Config.default()
+        config = dataclasses.replace(
+            base,
+            listen=dataclasses.replace(base.listen, plain=(Address("127.0.0.1", 0),)),
+            upstream=dataclasses.replace(base.upstream, address=Address("127.0.0.1", mta_port)),
+        )
+        metrics = Metrics()
+        bound = await nursery.start(serve, config, metrics)
+        proxy = bound[0]
+        print(f"demo MTA on 127.0.0.1:{mta_port}; pipeconnect-proxy on {proxy[0]}:{proxy[1]}")
+        client = EarlyPipeliningClient()
+        body = b"Subject: demo\r\n\r\nHello through pipeconnect-proxy.\r\n.leading dot\r\n"
+        turns: list[int] = []
+        for i in range(1, rounds + 1):
+            d = await client.send(proxy, "alice@demo.test", ["bob@dest.test"], body)
+            turns.append(d.turns)
+            how = (
+                "early pipelining: EHLO, MAIL, RCPT, DATA sent before the banner"
+                if d.early
+                else "classic: waited for the banner, then EHLO, then the envelope"
+            )
+            kw = [k for k in ("PIPECONNECT", "X_PIPE_CONNECT") if k in d.keywords]
+            print(
+                f"session {i}: {how}\n  {d.turns} round trips to the final "
+                f"{d.final.code}; EHLO advertised {', '.join(kw) or 'no keyword'}"
+            )
+        if len(turns) >= 2:
+            print(
+                f"round trips saved by early pipelining: {turns[0] - turns[-1]} "
+                f"({turns[0]} -> {turns[-1]}) on every later delivery to this server"
+            )
+        nursery.cancel_scope.cancel()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level)
+    trio.run(_demo, args.rounds)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pipeconnect-proxy", description="Early-pipelining SMTP proxy"
+    )
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="run the proxy in the foreground until SIGTERM/SIGINT")
+    p.add_argument("--config", required=True)
+    p.add_argument("--log-format", choices=["text", "json"])
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("check-config", help="validate a configuration file")
+    p.add_argument("config")
+    p.set_defaults(func=cmd_check_config)
+    p = sub.add_parser("demo", help="run the proxy in front of a built-in MTA and show it work")
+    p.add_argument("--rounds", type=int, default=2)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

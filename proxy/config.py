@@ -1,0 +1,439 @@
+"""TOML configuration -> frozen, typed settings.
+
+Every error is a ``ConfigError`` whose text starts with the dotted key it is about
+(``upstream.client_identity: must be one of ...``), so an operator can fix the file without
+reading code. Unknown keys are errors rather than warnings: a misspelt key silently falling back
+to its default is exactly the mistake that goes unnoticed until traffic suffers.
+
+The result is immutable (frozen dataclasses, tuples, ``HostList``) so a reload can build a new
+snapshot and swap one reference while running sessions keep the one they started with.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import math
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal, NamedTuple, TypeVar
+
+from .errors import ConfigError
+from .hosts import HostEntry, HostList
+
+__all__ = [
+    "BARE_NEWLINE_POLICIES",
+    "CLIENT_IDENTITIES",
+    "EARLY_INPUT_POLICIES",
+    "LOG_FORMATS",
+    "Address",
+    "BareNewline",
+    "ClientIdentity",
+    "Config",
+    "ConfigError",
+    "EarlyInputPolicy",
+    "LimitsConfig",
+    "ListenConfig",
+    "LogConfig",
+    "LogFormat",
+    "MetricsConfig",
+    "PipeConnectConfig",
+    "TLSConfig",
+    "TimeoutsConfig",
+    "UpstreamConfig",
+    "load_config",
+    "parse_config",
+]
+
+ClientIdentity = Literal["proxy-v1", "proxy-v2", "xclient", "none"]
+EarlyInputPolicy = Literal["defer", "reject", "forward", "accept"]
+BareNewline = Literal["reject", "normalize"]
+LogFormat = Literal["text", "json"]
+
+CLIENT_IDENTITIES: tuple[ClientIdentity, ...] = ("proxy-v1", "proxy-v2", "xclient", "none")
+EARLY_INPUT_POLICIES: tuple[EarlyInputPolicy, ...] = ("defer", "reject", "forward", "accept")
+BARE_NEWLINE_POLICIES: tuple[BareNewline, ...] = ("reject", "normalize")
+LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
+
+
+class Address(NamedTuple):
+    """A ``host:port`` endpoint. ``host`` is stored without IPv6 brackets."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+# Immutable defaults, named so dataclass fields can share them safely.
+_UPSTREAM_DEFAULT = Address("127.0.0.1", 2525)
+_METRICS_DEFAULT = Address("127.0.0.1", 9464)
+_ALL_HOSTS = HostList((HostEntry(None),))  # ["*"]
+
+
+@dataclass(frozen=True, slots=True)
+class ListenConfig:
+    plain: tuple[Address, ...] = ()
+    tls_on_connect: tuple[Address, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    address: Address = _UPSTREAM_DEFAULT
+    client_identity: ClientIdentity = "proxy-v2"
+    connect_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class PipeConnectConfig:
+    advertise_hosts: HostList = _ALL_HOSTS
+    keywords: tuple[str, ...] = ("PIPECONNECT", "X_PIPE_CONNECT")
+    unadvertised_early_input: EarlyInputPolicy = "defer"
+    max_early_bytes: int = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    max_command_line: int = 512
+    max_text_line: int = 1000
+    max_reply_line: int = 4096
+    max_pipelined_commands: int = 100
+    max_sessions: int = 1000
+    max_sessions_per_client: int = 50
+    bare_newline: BareNewline = "reject"
+
+
+@dataclass(frozen=True, slots=True)
+class TimeoutsConfig:
+    """Seconds. Defaults are RFC 5321 section 4.5.3.2's."""
+
+    banner: float = 300.0
+    command: float = 300.0
+    mail: float = 300.0
+    rcpt: float = 300.0
+    data_init: float = 120.0
+    data_block: float = 180.0
+    data_term: float = 600.0
+    reply: float = 300.0
+    early_drain: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class TLSConfig:
+    certificate: str = ""
+    key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    listen: Address | None = _METRICS_DEFAULT  # None: no metrics endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    format: LogFormat = "text"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen: ListenConfig = ListenConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    pipe_connect: PipeConnectConfig = PipeConnectConfig()
+    limits: LimitsConfig = LimitsConfig()
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    tls: TLSConfig = TLSConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    log: LogConfig = LogConfig()
+
+    @classmethod
+    def default(cls) -> Config:
+        """All defaults, no listeners: for programmatic use (the demo fills in ports)."""
+        return cls()
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate one TOML file. File-level errors are keyed by the file name."""
+    name = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(name, f"cannot read: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(name, f"not valid UTF-8: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(name, f"TOML syntax error: {exc}") from None
+    return parse_config(data, name)
+
+
+def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
+    """Validate already-parsed TOML. ``source`` is recorded on errors as ``exc.source``."""
+    try:
+        return _parse(data, source)
+    except ConfigError as exc:
+        exc.source = source
+        raise
+
+
+def _parse(data: Mapping[str, Any], source: str) -> Config:
+    if not isinstance(data, Mapping):
+        raise ConfigError(source, f"must be a table, not {_tname(data)}")
+    _reject_unknown(data, "", _SECTIONS)
+    if "listen" not in data:
+        raise ConfigError("listen", _NEED_LISTENER)
+    if "upstream" not in data:
+        raise ConfigError("upstream.address", "is required")
+    # Build in a fixed order so the first error reported does not depend on key order.
+    sections = {
+        name: _section(cls, data[name], name, parsers, required)
+        for name, (cls, parsers, required) in _SECTIONS.items()
+        if name in data
+    }
+    config = Config(**sections)
+    _check(config)
+    return config
+
+
+_NEED_LISTENER = "at least one listener is required (plain or tls_on_connect)"
+
+
+def _check(config: Config) -> None:
+    """Rules that involve more than one key."""
+    listen = config.listen
+    if not listen.plain and not listen.tls_on_connect:
+        raise ConfigError("listen", _NEED_LISTENER)
+    # Port 0 (any free port) never conflicts; otherwise one address, one role.
+    seen: dict[Address, str] = {}
+    bound = [(f"listen.plain[{i}]", a) for i, a in enumerate(listen.plain)]
+    bound += [(f"listen.tls_on_connect[{i}]", a) for i, a in enumerate(listen.tls_on_connect)]
+    if config.metrics.listen is not None:
+        bound.append(("metrics.listen", config.metrics.listen))
+    for key, address in bound:
+        if address.port == 0:
+            continue
+        if address in seen:
+            raise ConfigError(key, f"'{address}' is already used by {seen[address]}")
+        seen[address] = key
+    tls = config.tls
+    if tls.certificate and not tls.key:
+        raise ConfigError("tls.key", "is required when tls.certificate is set")
+    if tls.key and not tls.certificate:
+        raise ConfigError("tls.certificate", "is required when tls.key is set")
+    if listen.tls_on_connect and not tls.certificate:
+        raise ConfigError("listen.tls_on_connect", "needs tls.certificate and tls.key")
+
+
+# --- generic section handling ------------------------------------------------------------------
+
+_T = TypeVar("_T")
+_S = TypeVar("_S", bound=str)
+_Parser = Callable[[Any, str], Any]
+
+
+def _tname(value: object) -> str:
+    """The TOML name of a value's type, for messages."""
+    names = {bool: "boolean", int: "integer", float: "float", str: "string"}
+    names.update({list: "array", dict: "table"})
+    return names.get(type(value), type(value).__name__)
+
+
+def _reject_unknown(table: Mapping[str, Any], prefix: str, known: Mapping[str, Any]) -> None:
+    for name in table:
+        if name not in known:
+            close = difflib.get_close_matches(name, list(known), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
+            raise ConfigError(f"{prefix}{name}", f"unknown key ({hint})")
+
+
+def _section(
+    cls: type[_T], raw: Any, key: str, parsers: Mapping[str, _Parser], required: tuple[str, ...]
+) -> _T:
+    if not isinstance(raw, dict):
+        raise ConfigError(key, f"must be a table, not {_tname(raw)}")
+    _reject_unknown(raw, f"{key}.", parsers)
+    for name in required:
+        if name not in raw:
+            raise ConfigError(f"{key}.{name}", "is required")
+    kwargs = {name: parsers[name](raw[name], f"{key}.{name}") for name in parsers if name in raw}
+    return cls(**kwargs)
+
+
+# --- value parsers -----------------------------------------------------------------------------
+
+
+def _string(value: Any, key: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(key, f"must be a string, not {_tname(value)}")
+    return value
+
+
+def _list(value: Any, key: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise ConfigError(key, f"must be an array, not {_tname(value)}")
+    return value
+
+
+def _choice(choices: tuple[_S, ...]) -> Callable[[Any, str], _S]:
+    def parse(value: Any, key: str) -> _S:
+        for choice in choices:
+            if value == choice and isinstance(value, str):
+                return choice
+        raise ConfigError(key, f"must be one of {', '.join(choices)}")
+
+    return parse
+
+
+def _integer(minimum: int) -> Callable[[Any, str], int]:
+    def parse(value: Any, key: str) -> int:
+        # bool is an int subclass; `max_sessions = true` is a mistake, not 1.
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"must be an integer, not {_tname(value)}")
+        if value < minimum:
+            need = "positive" if minimum == 1 else f">= {minimum}"
+            raise ConfigError(key, f"must be {need}, not {value}")
+        return value
+
+    return parse
+
+
+def _seconds(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(key, f"must be a number of seconds, not {_tname(value)}")
+    # TOML has inf and nan; every wait must end (DESIGN section 3), so neither is allowed.
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(key, f"must be a positive, finite number of seconds, not {value}")
+    return float(value)
+
+
+_HOSTNAME = re.compile(
+    r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?", re.ASCII
+)
+_IPV4ISH = re.compile(r"[0-9.]+", re.ASCII)
+
+
+def _address(value: Any, key: str, *, min_port: int = 0) -> Address:
+    text = _string(value, key)
+    host, colon, port_text = text.rpartition(":")
+    if not colon or not host:
+        raise ConfigError(key, f"{text!r} is not host:port (IPv6: [addr]:port)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if not _is_ipv6(host):
+            raise ConfigError(key, f"{text!r}: {host!r} is not an IPv6 address")
+    elif ":" in host:
+        raise ConfigError(key, f"{text!r}: an IPv6 address needs brackets, e.g. [::1]:25")
+    elif _IPV4ISH.fullmatch(host):
+        # Looks numeric: must be a real dotted quad, not a "hostname" like 10.0.0.300.
+        if not _is_ipv4(host):
+            raise ConfigError(key, f"{text!r}: {host!r} is not an IPv4 address")
+    elif not _HOSTNAME.fullmatch(host) or len(host) > 253:
+        raise ConfigError(key, f"{text!r}: {host!r} is not a valid host name")
+    if not (port_text.isascii() and port_text.isdigit()):
+        raise ConfigError(key, f"{text!r}: port {port_text!r} is not a number")
+    port = int(port_text)
+    if not min_port <= port <= 65535:
+        raise ConfigError(key, f"{text!r}: port must be in {min_port}..65535")
+    return Address(host, port)
+
+
+def _is_ipv4(text: str) -> bool:
+    try:
+        ipaddress.IPv4Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return "%" not in text  # a zone id cannot be given to bind/connect portably
+
+
+def _listeners(value: Any, key: str) -> tuple[Address, ...]:
+    # Port 0 is allowed for listeners: "any free port", which tests and demos rely on.
+    return tuple(_address(v, f"{key}[{i}]") for i, v in enumerate(_list(value, key)))
+
+
+def _upstream_address(value: Any, key: str) -> Address:
+    return _address(value, key, min_port=1)
+
+
+def _metrics_listen(value: Any, key: str) -> Address | None:
+    return None if _string(value, key) == "" else _address(value, key)
+
+
+def _hosts(value: Any, key: str) -> HostList:
+    items = [_string(v, f"{key}[{i}]") for i, v in enumerate(_list(value, key))]
+    return HostList.parse(items, key)
+
+
+_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*", re.ASCII)
+
+
+def _keywords(value: Any, key: str) -> tuple[str, ...]:
+    items = _list(value, key)
+    if not items:
+        raise ConfigError(key, "must not be empty")
+    seen: set[str] = set()
+    for i, item in enumerate(items):
+        word = _string(item, f"{key}[{i}]")
+        if not _KEYWORD.fullmatch(word):
+            raise ConfigError(f"{key}[{i}]", f"{word!r} is not an EHLO keyword ([A-Za-z0-9_-])")
+        if word.upper() in seen:  # EHLO keywords are case-insensitive
+            raise ConfigError(f"{key}[{i}]", f"{word!r} is listed twice")
+        seen.add(word.upper())
+    return tuple(items)
+
+
+_SECTIONS: dict[str, tuple[type[Any], dict[str, _Parser], tuple[str, ...]]] = {
+    "listen": (ListenConfig, {"plain": _listeners, "tls_on_connect": _listeners}, ()),
+    "upstream": (
+        UpstreamConfig,
+        {
+            "address": _upstream_address,
+            "client_identity": _choice(CLIENT_IDENTITIES),
+            "connect_timeout": _seconds,
+        },
+        ("address",),
+    ),
+    "pipe_connect": (
+        PipeConnectConfig,
+        {
+            "advertise_hosts": _hosts,
+            "keywords": _keywords,
+            "unadvertised_early_input": _choice(EARLY_INPUT_POLICIES),
+            "max_early_bytes": _integer(1),
+        },
+        (),
+    ),
+    "limits": (
+        LimitsConfig,
+        {
+            # RFC 5321 4.5.3.1.4-6: 512 (command), 1000 (text), 512 (reply) octets incl. CRLF
+            # are minimums an implementation must accept, so smaller limits are refused.
+            "max_command_line": _integer(512),
+            "max_text_line": _integer(1000),
+            "max_reply_line": _integer(512),
+            "max_pipelined_commands": _integer(1),
+            "max_sessions": _integer(1),
+            "max_sessions_per_client": _integer(1),
+            "bare_newline": _choice(BARE_NEWLINE_POLICIES),
+        },
+        (),
+    ),
+    "timeouts": (TimeoutsConfig, {f.name: _seconds for f in fields(TimeoutsConfig)}, ()),
+    "tls": (TLSConfig, {"certificate": _string, "key": _string}, ()),
+    "metrics": (MetricsConfig, {"listen": _metrics_listen}, ()),
+    "log": (LogConfig, {"format": _choice(LOG_FORMATS)}, ()),
+}

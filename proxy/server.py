@@ -1,0 +1,128 @@
+"""Listeners, connection limits and signals."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import trio
+
+from .config import Config
+from .metrics import Metrics
+from .session import Session, _client_ip
+from .smtp import Reply
+from .upstream import Endpoint
+
+log = logging.getLogger("pipeconnect.server")
+
+TOO_MANY = Reply.make(421, "4.7.0 Too many connections, try again later")
+TOO_MANY_FROM_YOU = Reply.make(421, "4.7.0 Too many connections from your address, try again later")
+
+
+class Limits:
+    """Global and per-client-address session counts."""
+
+    def __init__(self, total: int, per_client: int) -> None:
+        self.total = total
+        self.per_client = per_client
+        self.active = 0
+        self.by_client: Counter[str] = Counter()
+
+    @contextmanager
+    def admit(self, client: str) -> Iterator[Reply | None]:
+        if self.active >= self.total:
+            yield TOO_MANY
+            return
+        if self.by_client[client] >= self.per_client:
+            yield TOO_MANY_FROM_YOU
+            return
+        self.active += 1
+        self.by_client[client] += 1
+        try:
+            yield None
+        finally:
+            self.active -= 1
+            self.by_client[client] -= 1
+            if not self.by_client[client]:
+                del self.by_client[client]
+
+
+async def _reject(stream: trio.SocketStream, reply: Reply) -> None:
+    with trio.move_on_after(5):
+        try:
+            await stream.send_all(reply.to_bytes())
+            await stream.send_eof()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+    await trio.aclose_forcefully(stream)
+
+
+def _endpoint(sockaddr: tuple[str, int] | tuple[str, int, int, int]) -> Endpoint:
+    return (sockaddr[0], sockaddr[1])
+
+
+async def serve(
+    config: Config,
+    metrics: Metrics,
+    *,
+    task_status: trio.TaskStatus[list[Endpoint]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the listeners until cancelled. ``task_status`` receives the bound addresses."""
+    limits = Limits(config.limits.max_sessions, config.limits.max_sessions_per_client)
+    bound: list[Endpoint] = []
+    listeners: list[trio.SocketListener] = []
+    for address in config.listen.plain:
+        for listener in await trio.open_tcp_listeners(address.port, host=address.host):
+            listeners.append(listener)
+            bound.append(_endpoint(listener.socket.getsockname()))
+    if config.upstream.client_identity == "none":
+        log.warning(
+            "upstream.client_identity = none: the MTA sees every client as this proxy's "
+            "address; its access policy, rate limits and logs lose the real client"
+        )
+
+    async def handler(stream: trio.SocketStream) -> None:
+        try:
+            client = _endpoint(stream.socket.getpeername())
+            local = _endpoint(stream.socket.getsockname())
+        except OSError:  # reset before we looked
+            await trio.aclose_forcefully(stream)
+            return
+        with limits.admit(str(_client_ip(client[0]))) as refusal:
+            if refusal is not None:
+                metrics.sessions.labels("plain", "too-many").inc()
+                await _reject(stream, refusal)
+                return
+            session = Session(
+                stream,
+                client=client,
+                local=local,
+                listener="plain",
+                config=config,
+                metrics=metrics,
+            )
+            await session.run()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, handler, listeners)
+        log.info(
+            "listening on %s, upstream %s (%s)",
+            ", ".join(f"{h}:{p}" for h, p in bound),
+            config.upstream.address,
+            config.upstream.client_identity,
+        )
+        task_status.started(bound)
+
+
+async def run_until_signal(config: Config, metrics: Metrics) -> None:
+    """``serve`` in the foreground until SIGTERM or SIGINT."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve, config, metrics)
+            async for signum in signals:
+                log.info("%s: stopping", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break

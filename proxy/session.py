@@ -1,0 +1,556 @@
+"""One client session: early buffer, banner, replay under the MTA's rules, relay.
+
+The trio code here only moves bytes and keeps time; framing lives in ``smtp``.
+Replies to the client are queued and written in one send just before the session
+would block reading the client, so the banner and the replies to everything a client
+sent early leave in one segment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from .config import Config
+from .metrics import Metrics
+from .smtp import (
+    NEED_DATA,
+    BdatChunk,
+    BdatEnd,
+    Closed,
+    Command,
+    CommandReader,
+    DataChunk,
+    EndOfData,
+    ProtocolError,
+    RawLine,
+    Reply,
+    ehlo_keywords,
+    ends_group,
+    rewrite_ehlo,
+)
+from .upstream import Endpoint, Upstream, UpstreamError, connect, xclient
+
+log = logging.getLogger("pipeconnect.session")
+
+SYNC_ERROR = "SMTP synchronization error"
+REFUSE_REPLIES = {
+    "defer": Reply.make(421, f"4.5.0 {SYNC_ERROR}: input before the greeting, try again later"),
+    "reject": Reply.make(554, SYNC_ERROR),
+}
+# Only the proxy speaks for the client to the MTA.
+FORBIDDEN = {"XCLIENT", "XFORWARD"}
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class _End(Exception):
+    """Leave the relay loop; ``outcome`` names why in the log line."""
+
+    def __init__(self, outcome: str) -> None:
+        super().__init__(outcome)
+        self.outcome = outcome
+
+
+@dataclass
+class SessionLog:
+    listener: str
+    client: Endpoint
+    upstream: str
+    start: float = field(default_factory=time.monotonic)
+    helo: str = ""
+    outcome: str = "open"
+    advertised: bool = False
+    early_bytes: int = 0
+    early_used: bool = False
+    replayed: int = 0
+    round_trips_saved: int = 0
+    commands: int = 0
+    messages: int = 0
+    rcpts: int = 0
+    bytes_in: int = 0
+    detail: str = ""
+
+    @property
+    def l_field(self) -> str:
+        return "L*" if self.early_used else "L." if self.advertised else ""
+
+    def render(self, fmt: str) -> str:
+        duration = time.monotonic() - self.start
+        if fmt == "json":
+            return json.dumps(
+                {
+                    "event": "session",
+                    "listener": self.listener,
+                    "client": f"{self.client[0]}:{self.client[1]}",
+                    "helo": self.helo,
+                    "upstream": self.upstream,
+                    "outcome": self.outcome,
+                    "L": self.l_field,
+                    "advertised": self.advertised,
+                    "early_bytes": self.early_bytes,
+                    "early_used": self.early_used,
+                    "replayed": self.replayed,
+                    "round_trips_saved": self.round_trips_saved,
+                    "commands": self.commands,
+                    "messages": self.messages,
+                    "rcpts": self.rcpts,
+                    "bytes": self.bytes_in,
+                    "duration": round(duration, 3),
+                    "detail": self.detail,
+                }
+            )
+        parts = [
+            f"H=({self.helo}) [{self.client[0]}]:{self.client[1]}",
+            f"I={self.listener}",
+            f"U={self.upstream}",
+            self.l_field,
+            f"C={self.commands}",
+            f"M={self.messages}",
+            f"R={self.rcpts}",
+            f"S={self.bytes_in}",
+            f"E={self.early_bytes}" if self.early_bytes else "",
+            f"RT={self.round_trips_saved}" if self.round_trips_saved else "",
+            f"DT={duration:.3f}s",
+            f"outcome={self.outcome}",
+            f'detail="{self.detail}"' if self.detail else "",
+        ]
+        return " ".join(p for p in parts if p)
+
+
+def _client_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    ip = ipaddress.ip_address(host.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one real error out of a nursery (the other task was merely cancelled)."""
+    errors = group.exceptions
+    return errors[0] if len(errors) == 1 else group
+
+
+class Session:
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        *,
+        client: Endpoint,
+        local: Endpoint,
+        listener: str,
+        config: Config,
+        metrics: Metrics,
+    ) -> None:
+        self.client_stream = stream
+        self.client = (str(_client_ip(client[0])), client[1])
+        self.local = local
+        self.cfg = config
+        self.metrics = metrics
+        pc = config.pipe_connect
+        self.allowed = pc.advertise_hosts.matches(self.client[0])
+        self.keywords: tuple[str, ...] = tuple(pc.keywords) if self.allowed else ()
+        lim = config.limits
+        self.reader = CommandReader(lim.max_command_line, lim.max_text_line)
+        self.out = bytearray()
+        self.up: Upstream | None = None
+        self.up_pipelining = False
+        self.up_chunking = False
+        self.client_eof = False
+        self._replaying = False  # commands held before the banner are being replayed
+        self.log = SessionLog(listener, self.client, str(config.upstream.address))
+
+    # ------------------------------------------------------------ entry point
+
+    async def run(self) -> None:
+        listener = self.log.listener
+        self.metrics.active.labels(listener).inc()
+        try:
+            await self._run()
+        finally:
+            self.metrics.active.labels(listener).dec()
+            self.metrics.sessions.labels(listener, self.log.outcome).inc()
+            self.metrics.duration.labels(listener).observe(time.monotonic() - self.log.start)
+            if self.log.early_used:
+                self.metrics.used.inc()
+                self.metrics.replayed.inc(self.log.replayed)
+                self.metrics.round_trips_saved.inc(self.log.round_trips_saved)
+            log.info(self.log.render(self.cfg.log.format))
+
+    async def _run(self) -> None:
+        try:
+            try:
+                early = await self._early_phase()
+                if early is not None:
+                    await self._refuse(early)
+                    return
+                await self._relay()
+            except UpstreamError as exc:
+                self.log.outcome = exc.outcome
+                self.log.detail = str(exc)
+                await self._close_client(exc.reply)
+            except _ClientGone:
+                self.log.outcome = "client-gone"
+            except _End as end:
+                self.log.outcome = end.outcome
+        finally:
+            with trio.CancelScope(shield=True):
+                if self.up is not None:
+                    await self.up.aclose()
+                await self.client_stream.aclose()
+
+    # ------------------------------------------------------------ phase 1: before the banner
+
+    async def _early_phase(self) -> str | None:
+        """Connect upstream and read the banner while holding what the client sends.
+
+        Returns the refusal action when a host that was not advertised talked early."""
+        policy = self.cfg.pipe_connect.unadvertised_early_input
+        if self.allowed:
+            policy = "accept"
+        elif policy == "forward" and self.cfg.upstream.client_identity == "xclient":
+            # XCLIENT follows the banner, so early bytes could not precede it: refuse instead.
+            policy = "defer"
+        refused: list[str] = []
+        header_sent = trio.Event()
+        banner: list[Reply] = []
+        early = bytearray()
+        limit = self.cfg.pipe_connect.max_early_bytes
+
+        async def read_early(scope: trio.CancelScope) -> None:
+            while len(early) < limit:
+                data = await self._receive(limit - len(early), None)
+                if not data:
+                    self.client_eof = True
+                    if not early:
+                        scope.cancel()  # gone before the banner: nothing to do
+                    return
+                early.extend(data)
+                if policy in ("defer", "reject"):
+                    refused.append(policy)
+                    scope.cancel()
+                    return
+                if policy == "forward":
+                    # Pass the early talk on right behind the PROXY header so the MTA's own
+                    # early-talker checks judge it; the relay later skips these bytes.
+                    await header_sent.wait()
+                    assert self.up is not None
+                    await self.up.send(bytes(data))
+                    self.up.skip += len(data)
+
+        async def open_upstream(scope: trio.CancelScope) -> None:
+            up = self.cfg.upstream
+            t0 = time.monotonic()
+            self.up = await connect(
+                up.address,
+                identity=up.client_identity,
+                client=self.client,
+                local=self.local,
+                connect_timeout=up.connect_timeout,
+                max_reply_line=self.cfg.limits.max_reply_line,
+            )
+            t1 = time.monotonic()
+            self.metrics.upstream_connect.observe(t1 - t0)
+            header_sent.set()
+            reply = await self.up.read_reply(self.cfg.timeouts.banner, "banner")
+            self.metrics.upstream_banner.observe(time.monotonic() - t1)
+            if reply.code == 220 and up.client_identity == "xclient":
+                await xclient(self.up, self.client, self.cfg.timeouts.reply)
+            banner.append(reply)
+            scope.cancel()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_early, nursery.cancel_scope)
+                nursery.start_soon(open_upstream, nursery.cancel_scope)
+        except BaseExceptionGroup as group:
+            raise _single(group) from None
+
+        self.log.early_bytes = len(early)
+        if refused:
+            return refused[0]
+        if not banner:
+            raise _ClientGone()
+        if self.up is not None and self.up.skip:
+            # Forwarded early bytes: the client stream is relayed as is from here on.
+            self.log.detail = "early input forwarded"
+        elif early:
+            self.log.early_used = True
+            self._replaying = True
+        self.reader.feed(bytes(early))
+        if self.client_eof:
+            self.reader.feed_eof()
+        self._queue(banner[0])
+        if banner[0].code != 220:
+            self.log.detail = f"banner {banner[0].code}"
+        return None
+
+    async def _refuse(self, action: str) -> None:
+        self.log.outcome = "sync-error"
+        self.log.detail = f"early input refused ({action})"
+        self.metrics.early_refused.labels(action).inc()
+        await self._close_client(REFUSE_REPLIES[action])
+
+    # ------------------------------------------------------------ phase 2: relay
+
+    async def _relay(self) -> None:
+        max_batch = self.cfg.limits.max_pipelined_commands
+        while True:
+            batch: list[Command] = []
+            while True:
+                try:
+                    event = self.reader.next_event()
+                except ProtocolError as exc:
+                    await self._run_batch(batch)
+                    batch = []
+                    self._queue(exc.reply)
+                    if exc.fatal:
+                        await self._close_client(None)
+                        raise _End("protocol-error") from None
+                    continue
+                if event is NEED_DATA:
+                    if batch:
+                        break  # answer what we have before waiting for more
+                    await self._fill(self.cfg.timeouts.command)
+                    continue
+                if isinstance(event, Closed):
+                    await self._run_batch(batch)
+                    await self._goodbye_upstream()
+                    await self._flush()
+                    raise _End("client-closed")
+                assert isinstance(event, Command), event
+                self.log.commands += 1
+                local = self._local_reply(event)
+                if local is not None:
+                    await self._run_batch(batch)
+                    batch = []
+                    if event.verb == "BDAT":
+                        await self._discard_bdat()
+                    self._queue(local)
+                    continue
+                batch.append(event)
+                if ends_group(event) or event.verb == "BDAT" or len(batch) >= max_batch:
+                    break
+            await self._run_batch(batch)
+
+    def _local_reply(self, cmd: Command) -> Reply | None:
+        if cmd.verb in FORBIDDEN:
+            return Reply.make(550, f"5.7.1 {cmd.verb} not permitted: only the proxy speaks for you")
+        if cmd.verb == "STARTTLS":
+            return Reply.make(454, "4.7.0 TLS not available")
+        if cmd.verb == "BDAT" and not self.up_chunking:
+            return Reply.make(502, "5.5.1 BDAT not supported")
+        return None
+
+    async def _run_batch(self, batch: list[Command]) -> None:
+        """Send commands the client pipelined the way the MTA tolerates: one write for the
+        group when it offered PIPELINING, otherwise one command per reply."""
+        if not batch:
+            return
+        up = self._upstream()
+        if self._replaying:
+            # Each group the client sent before the banner is a wait it skipped: the
+            # banner, then one per reply it did not wait for.
+            self.log.replayed += len(batch)
+            self.log.round_trips_saved += 1
+        grouped = self.up_pipelining and len(batch) > 1
+        if grouped:
+            await up.send(b"".join(cmd.raw for cmd in batch))
+        for i, cmd in enumerate(batch):
+            if not grouped:
+                await up.send(cmd.raw)
+            if cmd.verb == "BDAT" and i == len(batch) - 1:
+                await self._relay_bdat(cmd)
+                continue
+            reply = await up.read_reply(self._timeout(cmd), cmd.verb)
+            await self._on_reply(cmd, reply)
+
+    async def _on_reply(self, cmd: Command, reply: Reply) -> None:
+        verb = cmd.verb
+        if verb == "EHLO":
+            self.log.helo = cmd.args.strip()
+            if reply.code == 250:
+                caps = ehlo_keywords(reply)
+                self.up_pipelining = "PIPELINING" in caps
+                self.up_chunking = "CHUNKING" in caps
+                reply = rewrite_ehlo(reply, keywords=self.keywords)
+                if self.keywords and not self.log.advertised:
+                    self.log.advertised = True
+                    self.metrics.advertised.inc()
+        elif verb == "HELO":
+            self.log.helo = cmd.args.strip()
+            self.up_pipelining = self.up_chunking = False
+        elif verb == "RCPT" and reply.positive:
+            self.log.rcpts += 1
+        self._queue(reply)
+        if verb == "DATA" and reply.code == 354:
+            await self._relay_data()
+        elif verb == "AUTH" and reply.code == 334:
+            await self._relay_auth()
+        elif verb == "QUIT":
+            await self._close_client(None)
+            raise _End("quit")
+
+    # ------------------------------------------------------------ message data
+
+    async def _relay_data(self) -> None:
+        up = self._upstream()
+        self.reader.start_data()
+        await self._flush()  # the client waits for the 354 before it sends the message
+        while True:
+            try:
+                event = self.reader.next_event()
+            except ProtocolError as exc:
+                # The MTA has part of the message: dropping the connection makes it discard
+                # it, which is the only way to abort DATA.
+                await up.aclose()
+                self.up = None
+                await self._close_client(exc.reply)
+                raise _End("protocol-error") from None
+            if event is NEED_DATA:
+                await self._fill(self.cfg.timeouts.data_block)
+            elif isinstance(event, DataChunk):
+                self.log.bytes_in += len(event.data)
+                self.metrics.message_bytes.inc(len(event.data))
+                await up.send(event.data)
+            elif isinstance(event, EndOfData):
+                await up.send(event.raw)
+                reply = await up.read_reply(self.cfg.timeouts.data_term, "end of data reply")
+                self._message_done(reply)
+                return
+            else:
+                assert isinstance(event, Closed), event
+                raise _End("client-gone-in-data")
+
+    async def _relay_bdat(self, cmd: Command) -> None:
+        up = self._upstream()
+        while True:
+            event = self.reader.next_event()
+            if event is NEED_DATA:
+                await self._fill(self.cfg.timeouts.data_block)
+            elif isinstance(event, BdatChunk):
+                self.log.bytes_in += len(event.data)
+                self.metrics.message_bytes.inc(len(event.data))
+                await up.send(event.data)
+            elif isinstance(event, BdatEnd):
+                timeout = self.cfg.timeouts.data_term if event.last else self._timeout(cmd)
+                reply = await up.read_reply(timeout, "BDAT reply")
+                if event.last:
+                    self._message_done(reply)
+                else:
+                    self._queue(reply)
+                return
+            else:
+                assert isinstance(event, Closed), event
+                raise _End("client-gone-in-data")
+
+    def _message_done(self, reply: Reply) -> None:
+        if reply.code == 250:
+            self.log.messages += 1
+            self.metrics.messages.inc()
+        self._queue(reply)
+
+    async def _discard_bdat(self) -> None:
+        while True:
+            event = self.reader.next_event()
+            if event is NEED_DATA:
+                await self._fill(self.cfg.timeouts.data_block)
+            elif isinstance(event, BdatEnd):
+                return
+            elif isinstance(event, Closed):
+                raise _End("client-gone-in-data")
+
+    async def _relay_auth(self) -> None:
+        up = self._upstream()
+        while True:
+            self.reader.expect_line()
+            while (event := self.reader.next_event()) is NEED_DATA:
+                await self._fill(self.cfg.timeouts.command)
+            if isinstance(event, Closed):
+                raise _End("client-gone")
+            assert isinstance(event, RawLine), event
+            await up.send(event.raw)
+            reply = await up.read_reply(self.cfg.timeouts.reply, "AUTH reply")
+            self._queue(reply)
+            if reply.code != 334:
+                return
+
+    # ------------------------------------------------------------ plumbing
+
+    def _upstream(self) -> Upstream:
+        if self.up is None:
+            raise UpstreamError("upstream-lost", "connection closed")
+        return self.up
+
+    def _timeout(self, cmd: Command) -> float:
+        t = self.cfg.timeouts
+        return {"MAIL": t.mail, "RCPT": t.rcpt, "DATA": t.data_init}.get(cmd.verb, t.reply)
+
+    def _queue(self, reply: Reply) -> None:
+        self.out += reply.to_bytes()
+
+    async def _flush(self) -> None:
+        if not self.out:
+            return
+        data, self.out = bytes(self.out), bytearray()
+        try:
+            await self.client_stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise _ClientGone() from exc
+
+    async def _receive(self, max_bytes: int, timeout: float | None) -> bytes:
+        try:
+            if timeout is None:
+                return await self.client_stream.receive_some(max_bytes)
+            with trio.move_on_after(timeout):
+                return await self.client_stream.receive_some(max_bytes)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise _ClientGone() from exc
+        self.log.detail = f"client timeout after {timeout:g}s"
+        await self._close_client(Reply.make(421, "4.4.2 Timeout, closing connection"))
+        raise _End("client-timeout")
+
+    async def _fill(self, timeout: float) -> None:
+        """Flush queued replies, then block for more client input."""
+        self._replaying = False
+        await self._flush()
+        if self.client_eof:
+            raise RuntimeError("reader asked for data after EOF")  # pragma: no cover
+        data = await self._receive(65536, timeout)
+        if data:
+            self.reader.feed(data)
+        else:
+            self.client_eof = True
+            self.reader.feed_eof()
+
+    async def _goodbye_upstream(self) -> None:
+        if self.up is not None and not self.reader.in_data:
+            with contextlib.suppress(UpstreamError):
+                await self.up.send(b"QUIT\r\n")
+
+    async def _close_client(self, reply: Reply | None) -> None:
+        """Reply once, shut down our side, and drain briefly: closing a socket with unread
+        input sends an RST that can destroy the reply in the client's buffer."""
+        if reply is not None:
+            self._queue(reply)
+        try:
+            await self._flush()
+            await self.client_stream.send_eof()
+        except (_ClientGone, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return
+        if self.client_eof:
+            return
+        with trio.move_on_after(self.cfg.timeouts.early_drain):
+            try:
+                while await self.client_stream.receive_some(65536):
+                    pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass

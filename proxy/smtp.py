@@ -1,0 +1,466 @@
+"""Sans-I/O SMTP framing: client commands, message data, BDAT chunks and MTA replies.
+
+Nothing here touches a socket. Bytes go in with ``feed``; events come out of
+``next_event``/``next_reply``. Framing is strict (CRLF only, bounded lines) so that
+the proxy and the MTA can never disagree about where a command or a message ends.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum, auto
+from typing import Final
+
+CRLF: Final = b"\r\n"
+PROXY_V2_SIGNATURE: Final = b"\r\n\r\n\x00\r\nQUIT\n"
+# AUTH continuation lines carry base64 blobs; RFC 4954 section 4 allows 12288 octets.
+MAX_AUTH_LINE: Final = 12288
+
+
+class NeedData(Enum):
+    NEED_DATA = auto()
+
+
+NEED_DATA: Final = NeedData.NEED_DATA
+
+
+# ---------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """One command line. ``raw`` is exactly what the client sent, CRLF included."""
+
+    verb: str
+    args: str
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DataChunk:
+    """Message bytes after DATA, verbatim (dot-stuffing kept), ending on a line end."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfData:
+    """The terminating ``.`` line; the CRLF before it ended the last DataChunk."""
+
+    raw: bytes = b".\r\n"
+
+
+@dataclass(frozen=True, slots=True)
+class BdatChunk:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class BdatEnd:
+    """All octets announced by the BDAT command have been read."""
+
+    last: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RawLine:
+    """A line read in answer to a 334 (AUTH exchange), not a command."""
+
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    """The client closed its side; ``partial`` tells whether bytes were left unframed."""
+
+    partial: bool
+
+
+ClientEvent = Command | DataChunk | EndOfData | BdatChunk | BdatEnd | RawLine | Closed
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    code: int
+    lines: tuple[bytes, ...]
+
+    @classmethod
+    def make(cls, code: int, *lines: str) -> Reply:
+        return cls(code, tuple(line.encode() for line in lines) or (b"",))
+
+    def to_bytes(self) -> bytes:
+        code = b"%03d" % self.code
+        out = [code + b"-" + text + CRLF for text in self.lines[:-1]]
+        out.append(code + b" " + self.lines[-1] + CRLF)
+        return b"".join(out)
+
+    @property
+    def positive(self) -> bool:
+        return 200 <= self.code < 400
+
+    @property
+    def text(self) -> str:
+        return " / ".join(line.decode("utf-8", "replace") for line in self.lines)
+
+
+class ProtocolError(Exception):
+    """Input that breaks SMTP framing. ``reply`` goes to the peer; ``fatal`` ends the session."""
+
+    def __init__(self, reply: Reply, *, fatal: bool) -> None:
+        super().__init__(reply.text)
+        self.reply = reply
+        self.fatal = fatal
+
+
+def _bare_newline() -> ProtocolError:
+    return ProtocolError(
+        Reply.make(554, "5.5.2 Bare CR or LF not allowed: lines must end with CRLF"), fatal=True
+    )
+
+
+# ---------------------------------------------------------------- buffer
+
+
+class _Buffer:
+    """A receive buffer with a read offset, compacted lazily so consuming stays linear."""
+
+    __slots__ = ("_data", "_start")
+
+    def __init__(self) -> None:
+        self._data = bytearray()
+        self._start = 0
+
+    def __len__(self) -> int:
+        return len(self._data) - self._start
+
+    def append(self, data: bytes) -> None:
+        self._data += data
+
+    def find(self, needle: bytes, offset: int = 0) -> int:
+        pos = self._data.find(needle, self._start + offset)
+        return -1 if pos < 0 else pos - self._start
+
+    def rfind(self, needle: bytes) -> int:
+        pos = self._data.rfind(needle, self._start)
+        return -1 if pos < 0 else pos - self._start
+
+    def startswith(self, prefix: bytes) -> bool:
+        return self._data.startswith(prefix, self._start)
+
+    def peek(self, n: int) -> bytes:
+        return bytes(self._data[self._start : self._start + n])
+
+    def take(self, n: int) -> bytes:
+        out = bytes(self._data[self._start : self._start + n])
+        self._start += len(out)
+        if self._start > 65536 and self._start * 2 > len(self._data):
+            del self._data[: self._start]
+            self._start = 0
+        return out
+
+    def clear(self) -> int:
+        n = len(self)
+        self._data.clear()
+        self._start = 0
+        return n
+
+
+# ---------------------------------------------------------------- client side
+
+
+class _Mode(Enum):
+    COMMAND = auto()
+    LINE = auto()
+    DATA = auto()
+    BDAT = auto()
+
+
+_BDAT_ARGS = re.compile(r"([0-9]{1,18})(?: +(LAST))? *", re.IGNORECASE)
+
+
+def parse_command(raw: bytes) -> Command:
+    line = raw[:-2].decode("utf-8", "surrogateescape")
+    verb, _, args = line.partition(" ")
+    return Command(verb.upper(), args, raw)
+
+
+def _check_line(line: bytes) -> None:
+    """``line`` ends with LF; refuse a bare LF or a CR anywhere but before that LF."""
+    if len(line) < 2 or line[-2] != 0x0D or line.find(b"\r", 0, len(line) - 2) >= 0:
+        raise _bare_newline()
+
+
+class CommandReader:
+    """Frames what a client sends. The session drives mode changes it learns from replies:
+    ``start_data`` after a 354, ``expect_line`` after a 334. BDAT chunks are framed by
+    length right after their command, since the client sends them without waiting."""
+
+    def __init__(self, max_command_line: int = 512, max_text_line: int = 1000) -> None:
+        self.max_command_line = max_command_line
+        self.max_text_line = max_text_line
+        self._buf = _Buffer()
+        self._mode = _Mode.COMMAND
+        self._bdat_left = 0
+        self._bdat_last = False
+        self._discarding = False  # inside an over-long command line
+        self._eof = False
+        self._started = False  # first bytes checked for a PROXY header
+
+    # -- input
+
+    def feed(self, data: bytes) -> None:
+        if self._eof:
+            raise RuntimeError("feed after EOF")
+        self._buf.append(data)
+
+    def feed_eof(self) -> None:
+        self._eof = True
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    @property
+    def in_data(self) -> bool:
+        return self._mode is _Mode.DATA
+
+    def start_data(self) -> None:
+        assert self._mode is _Mode.COMMAND
+        self._mode = _Mode.DATA
+
+    def expect_line(self) -> None:
+        assert self._mode is _Mode.COMMAND
+        self._mode = _Mode.LINE
+
+    def discard_buffered(self) -> int:
+        """Drop unread input (after STARTTLS: plaintext must not survive the handshake)."""
+        return self._buf.clear()
+
+    # -- output
+
+    def next_event(self) -> ClientEvent | NeedData:
+        if not self._started:
+            sig = PROXY_V2_SIGNATURE
+            if len(self._buf) < len(sig) and not self._eof and sig.startswith(self._buf.peek(12)):
+                return NEED_DATA
+            self._started = True
+            if self._buf.startswith(PROXY_V2_SIGNATURE):
+                raise _proxy_header_refused()
+        event: ClientEvent | NeedData
+        if self._mode is _Mode.DATA:
+            event = self._next_data()
+        elif self._mode is _Mode.BDAT:
+            event = self._next_bdat()
+        else:
+            event = self._next_line()
+        if event is NEED_DATA and self._eof:
+            return Closed(partial=len(self._buf) > 0 or self._mode is not _Mode.COMMAND)
+        return event
+
+    def _next_line(self) -> Command | RawLine | NeedData:
+        limit = MAX_AUTH_LINE if self._mode is _Mode.LINE else self.max_command_line
+        end = self._buf.find(b"\n")
+        if end < 0:
+            if len(self._buf) > limit:
+                # Drop what we have and keep dropping until the line ends, so memory stays
+                # bounded; the error is reported in order once the line is complete.
+                self._discarding = True
+                self._buf.clear()
+            return NEED_DATA
+        line = self._buf.take(end + 1)
+        if self._discarding or len(line) > limit:
+            self._discarding = False
+            raise ProtocolError(Reply.make(500, "5.5.2 Line too long"), fatal=False)
+        _check_line(line)
+        if self._mode is _Mode.LINE:
+            self._mode = _Mode.COMMAND
+            return RawLine(line)
+        cmd = parse_command(line)
+        if cmd.verb == "PROXY":
+            raise _proxy_header_refused()
+        if cmd.verb == "BDAT":
+            m = _BDAT_ARGS.fullmatch(cmd.args)
+            if m is None:
+                # Without a valid size the chunk cannot be framed: stop here.
+                raise ProtocolError(Reply.make(501, "5.5.4 Syntax: BDAT size [LAST]"), fatal=True)
+            self._mode = _Mode.BDAT
+            self._bdat_left = int(m.group(1))
+            self._bdat_last = m.group(2) is not None
+        return cmd
+
+    def _next_bdat(self) -> BdatChunk | BdatEnd | NeedData:
+        if self._bdat_left == 0:
+            self._mode = _Mode.COMMAND
+            return BdatEnd(self._bdat_last)
+        if not len(self._buf):
+            return NEED_DATA
+        data = self._buf.take(self._bdat_left)
+        self._bdat_left -= len(data)
+        return BdatChunk(data)
+
+    def _next_data(self) -> DataChunk | EndOfData | NeedData:
+        buf = self._buf
+        if buf.startswith(b".\r\n"):
+            buf.take(3)
+            self._mode = _Mode.COMMAND
+            return EndOfData()
+        # Only whole lines leave the buffer, so every chunk starts at a line start and the
+        # terminator is either at the buffer's start or after a CRLF.
+        stop = buf.find(b"\r\n.\r\n")
+        end = stop + 2 if stop >= 0 else buf.rfind(b"\n") + 1
+        if end <= 0:
+            if len(buf) >= self.max_text_line:
+                raise _text_line_too_long()
+            return NEED_DATA
+        chunk = buf.take(end)
+        _check_data(chunk, self.max_text_line)
+        return DataChunk(chunk)
+
+
+def _proxy_header_refused() -> ProtocolError:
+    return ProtocolError(
+        Reply.make(554, "5.7.1 PROXY protocol is not accepted from clients"), fatal=True
+    )
+
+
+def _text_line_too_long() -> ProtocolError:
+    return ProtocolError(Reply.make(554, "5.5.2 Message line too long"), fatal=True)
+
+
+def _check_data(chunk: bytes, max_line: int) -> None:
+    """``chunk`` is whole lines. Counting in C keeps this fast for large messages."""
+    lf = chunk.count(b"\n")
+    if chunk.count(b"\r\n") != lf or chunk.count(b"\r") != lf:
+        raise _bare_newline()
+    if len(chunk) > max_line and max(map(len, chunk.split(b"\n"))) + 1 > max_line:
+        raise _text_line_too_long()
+
+
+# ---------------------------------------------------------------- MTA side
+
+
+class ReplyReader:
+    """Frames the MTA's replies: ``ddd-text`` continuation lines, then ``ddd text``."""
+
+    def __init__(self, max_line: int = 4096, max_lines: int = 200) -> None:
+        self.max_line = max_line
+        self.max_lines = max_lines
+        self._buf = _Buffer()
+        self._lines: list[bytes] = []
+        self._code = 0
+
+    def feed(self, data: bytes) -> None:
+        self._buf.append(data)
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def next_reply(self) -> Reply | None:
+        while True:
+            end = self._buf.find(b"\n")
+            if end < 0:
+                if len(self._buf) > self.max_line:
+                    raise _bad_reply("reply line too long")
+                return None
+            line = self._buf.take(end + 1)
+            if len(line) > self.max_line:
+                raise _bad_reply("reply line too long")
+            if not line.endswith(CRLF):
+                raise _bad_reply("reply line without CRLF")
+            body = line[:-2]
+            if len(body) < 3 or not body[:3].isdigit() or body[3:4] not in (b"", b" ", b"-"):
+                raise _bad_reply("malformed reply line")
+            code = int(body[:3])
+            if self._lines and code != self._code:
+                raise _bad_reply("reply code changed inside a multi-line reply")
+            self._code = code
+            self._lines.append(body[4:])
+            if body[3:4] != b"-":
+                lines, self._lines = tuple(self._lines), []
+                return Reply(code, lines)
+            if len(self._lines) >= self.max_lines:
+                raise _bad_reply("too many reply lines")
+
+
+def _bad_reply(why: str) -> ProtocolError:
+    return ProtocolError(Reply.make(421, f"4.4.2 Upstream MTA protocol error: {why}"), fatal=True)
+
+
+# ---------------------------------------------------------------- pipelining (RFC 2920)
+
+# Commands a client may send without waiting for the previous reply. Everything else ends
+# a group: EHLO/HELO, DATA, BDAT LAST, QUIT, NOOP, VRFY, EXPN, STARTTLS, AUTH, unknown verbs.
+PIPELINABLE: Final = frozenset({"MAIL", "RCPT", "RSET", "SEND", "SOML", "SAML"})
+
+
+def ends_group(cmd: Command) -> bool:
+    if cmd.verb == "BDAT":
+        m = _BDAT_ARGS.fullmatch(cmd.args)
+        return m is None or m.group(2) is not None
+    return cmd.verb not in PIPELINABLE
+
+
+# ---------------------------------------------------------------- EHLO replies
+
+EARLY_PIPELINING_KEYWORDS: Final = frozenset({"PIPECONNECT", "PIPE_CONNECT", "X_PIPE_CONNECT"})
+# Extensions only the proxy may use, or that a client must not see from the MTA directly.
+PROXY_ONLY_KEYWORDS: Final = frozenset({"XCLIENT", "XFORWARD", "STARTTLS"})
+
+
+def ehlo_keywords(reply: Reply) -> dict[str, str]:
+    """Keyword (upper case) -> parameters, from a 250 EHLO reply (first line is the greeting)."""
+    out: dict[str, str] = {}
+    for line in reply.lines[1:]:
+        kw, _, params = line.decode("ascii", "replace").strip().partition(" ")
+        if kw:
+            out[kw.upper()] = params
+    return out
+
+
+def rewrite_ehlo(
+    reply: Reply,
+    *,
+    keywords: tuple[str, ...],
+    starttls: bool = False,
+    chunking: bool = True,
+) -> Reply:
+    """The EHLO reply as the client should see it.
+
+    The proxy always offers PIPELINING (it pipelines the client side itself), puts the
+    early-pipelining ``keywords`` right after it, offers STARTTLS only when it terminates TLS,
+    and removes what only the proxy may use. Every other line stays as the MTA wrote it, in
+    order, so the reply a client caches is stable from one session to the next.
+    """
+    if reply.code != 250:
+        return reply
+    drop = set(EARLY_PIPELINING_KEYWORDS) | PROXY_ONLY_KEYWORDS | {k.upper() for k in keywords}
+    if not chunking:
+        drop.add("CHUNKING")
+    lines: list[bytes] = [reply.lines[0]]
+    inserted = False
+
+    def insert_ours() -> None:
+        lines.append(b"PIPELINING")
+        lines.extend(k.encode("ascii") for k in keywords)
+
+    for line in reply.lines[1:]:
+        kw = line.split(b" ", 1)[0].decode("ascii", "replace").upper()
+        if kw in drop:
+            continue
+        if kw == "PIPELINING":
+            if not inserted:
+                insert_ours()
+                inserted = True
+            continue
+        lines.append(line)
+    if not inserted:
+        # No PIPELINING from the MTA: ours goes first, where a reader looks for it.
+        head, rest = lines[:1], lines[1:]
+        lines = head
+        insert_ours()
+        lines.extend(rest)
+    if starttls:
+        lines.append(b"STARTTLS")
+    return Reply(250, tuple(lines))

@@ -1,0 +1,109 @@
+"""The connection to the MTA: connect, say who the client is, read replies under timeouts."""
+
+from __future__ import annotations
+
+import trio
+
+from .proxyproto import encode_v1, encode_v2, xclient_command
+from .smtp import ProtocolError, Reply, ReplyReader
+
+Endpoint = tuple[str, int]
+
+
+class UpstreamError(Exception):
+    """The MTA failed us. ``reply`` is what the client gets; ``outcome`` names it in logs."""
+
+    def __init__(self, outcome: str, detail: str) -> None:
+        super().__init__(f"{outcome}: {detail}")
+        self.outcome = outcome
+        self.reply = Reply.make(421, f"4.4.2 Upstream MTA unavailable ({detail}), try again later")
+
+
+def identity_header(method: str, client: Endpoint, local: Endpoint) -> bytes:
+    """Bytes sent before anything else, so the MTA judges the real client address."""
+    if method == "proxy-v2":
+        return encode_v2(client, local)
+    if method == "proxy-v1":
+        return encode_v1(client, local)
+    return b""
+
+
+class Upstream:
+    def __init__(self, stream: trio.SocketStream, max_reply_line: int) -> None:
+        self.stream = stream
+        self.replies = ReplyReader(max_line=max_reply_line)
+        self.bytes_sent = 0
+        # Bytes the client sent early that were already passed on (forward mode): when the
+        # session relays them again they are skipped, so the MTA sees each byte once.
+        self.skip = 0
+
+    async def send(self, data: bytes) -> None:
+        if self.skip:
+            n = min(self.skip, len(data))
+            self.skip -= n
+            data = data[n:]
+        if not data:
+            return
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise UpstreamError("upstream-lost", "connection lost while sending") from exc
+        self.bytes_sent += len(data)
+
+    async def read_reply(self, timeout: float, what: str = "reply") -> Reply:
+        while True:
+            try:
+                reply = self.replies.next_reply()
+            except ProtocolError as exc:
+                raise UpstreamError("upstream-protocol", exc.reply.text) from exc
+            if reply is not None:
+                return reply
+            data = b""
+            with trio.move_on_after(timeout) as scope:
+                try:
+                    data = await self.stream.receive_some(65536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    lost = f"connection lost awaiting {what}"
+                    raise UpstreamError("upstream-lost", lost) from exc
+            if scope.cancelled_caught:
+                raise UpstreamError("upstream-timeout", f"no {what} within {timeout:g}s")
+            if not data:
+                raise UpstreamError("upstream-lost", f"connection closed awaiting {what}")
+            self.replies.feed(data)
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self.stream.aclose()
+
+
+async def connect(
+    address: Endpoint,
+    *,
+    identity: str,
+    client: Endpoint,
+    local: Endpoint,
+    connect_timeout: float,
+    max_reply_line: int,
+) -> Upstream:
+    """Open the MTA connection and write the PROXY header, alone in its own segment:
+    Postfix peeks at the header and counts anything behind it as talking too early."""
+    with trio.move_on_after(connect_timeout) as scope:
+        try:
+            stream = await trio.open_tcp_stream(*address)
+        except OSError as exc:
+            raise UpstreamError("upstream-down", f"connect failed: {exc.strerror or exc}") from exc
+    if scope.cancelled_caught:
+        raise UpstreamError("upstream-down", f"connect timed out after {connect_timeout:g}s")
+    up = Upstream(stream, max_reply_line)
+    header = identity_header(identity, client, local)
+    if header:
+        await up.send(header)
+    return up
+
+
+async def xclient(up: Upstream, client: Endpoint, timeout: float) -> None:
+    """Postfix XCLIENT after the banner: it resets the session and answers 220."""
+    await up.send(xclient_command(client[0], client[1]))
+    reply = await up.read_reply(timeout, "XCLIENT reply")
+    if reply.code != 220:
+        raise UpstreamError("upstream-xclient", f"XCLIENT refused: {reply.code} {reply.text}")

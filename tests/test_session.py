@@ -1,0 +1,257 @@
+"""The session engine against a scriptable fake MTA (fault injection) over loopback."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+
+from proxy.config import parse_config
+from proxy.metrics import Metrics
+from proxy.server import serve
+from proxy.smtp import Reply, ReplyReader
+
+from .fakemta import CLOSE, STALL, FakeMTA
+
+ENVELOPE = b"MAIL FROM:<a@src.test>\r\nRCPT TO:<b@dest.test>\r\nDATA\r\n"
+MESSAGE = b"Subject: t\r\n\r\nline one\r\n..dot stuffed\r\n"
+
+
+def make_config(mta_port: int, **sections: dict[str, Any]) -> Any:
+    data: dict[str, Any] = {
+        "listen": {"plain": ["127.0.0.1:0"]},
+        "upstream": {"address": f"127.0.0.1:{mta_port}", "client_identity": "proxy-v2"},
+        "pipe_connect": {"advertise_hosts": ["*"]},
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return parse_config(data)
+
+
+@asynccontextmanager
+async def running(mta: FakeMTA, **sections: dict[str, Any]) -> AsyncIterator[tuple[int, Metrics]]:
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(mta.serve)
+        metrics = Metrics()
+        bound = await nursery.start(serve, make_config(port, **sections), metrics)
+        try:
+            yield bound[0][1], metrics
+        finally:
+            for client in _clients:
+                await client.stream.aclose()
+            _clients.clear()
+            nursery.cancel_scope.cancel()
+
+
+class Client:
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.replies = ReplyReader()
+        self.reads: list[bytes] = []
+
+    async def reply(self, timeout: float = 5) -> Reply | None:
+        with trio.fail_after(timeout):
+            while (r := self.replies.next_reply()) is None:
+                data = await self.stream.receive_some(65536)
+                if not data:
+                    return None
+                self.reads.append(data)
+                self.replies.feed(data)
+            return r
+
+    async def replies_n(self, n: int) -> list[Reply]:
+        out = []
+        for _ in range(n):
+            r = await self.reply()
+            assert r is not None, f"connection closed after {out}"
+            out.append(r)
+        return out
+
+
+_clients: list[Client] = []
+
+
+async def connect(port: int) -> Client:
+    """A raw client; ``running`` closes it."""
+    client = Client(await trio.open_tcp_stream("127.0.0.1", port))
+    _clients.append(client)
+    return client
+
+
+async def test_early_pipelining_replayed_in_one_write() -> None:
+    mta = FakeMTA(pipelining=True, banner_delay=0.2)
+    async with running(mta) as (port, metrics):
+        c = await connect(port)
+        await c.stream.send_all(b"EHLO me.test\r\n" + ENVELOPE)
+        banner, ehlo, mail, rcpt, data = await c.replies_n(5)
+        # banner + EHLO reply + three replies came in a single segment
+        assert len(c.reads) == 1
+        assert (banner.code, ehlo.code, mail.code, rcpt.code, data.code) == (
+            220,
+            250,
+            250,
+            250,
+            354,
+        )
+        kws = [ln.split(b" ")[0] for ln in ehlo.lines[1:]]
+        assert kws[:3] == [b"PIPELINING", b"PIPECONNECT", b"X_PIPE_CONNECT"]
+        assert b"STARTTLS" not in kws and b"XCLIENT" not in kws
+        await c.stream.send_all(MESSAGE + b".\r\nQUIT\r\n")
+        final, bye = await c.replies_n(2)
+        assert (final.code, bye.code) == (250, 221)
+    assert mta.violations == []
+    assert mta.messages == [MESSAGE]
+    assert mta.proxy_sources == [("127.0.0.1", mta.proxy_sources[0][1])]
+    assert metrics.used._value.get() == 1
+    assert metrics.advertised._value.get() == 1
+
+
+async def test_no_pipelining_upstream_gets_one_command_at_a_time() -> None:
+    mta = FakeMTA(pipelining=False, banner_delay=0.1)
+    async with running(mta) as (port, _):
+        c = await connect(port)
+        await c.stream.send_all(b"EHLO me.test\r\n" + ENVELOPE)
+        replies = await c.replies_n(5)
+        assert [r.code for r in replies] == [220, 250, 250, 250, 354]
+        assert b"PIPELINING" in [ln.split(b" ")[0] for ln in replies[1].lines]
+        await c.stream.send_all(MESSAGE + b".\r\nRSET\r\nNOOP\r\nQUIT\r\n")
+        assert [r.code for r in await c.replies_n(4)] == [250, 250, 250, 221]
+    assert mta.violations == []
+    assert mta.messages == [MESSAGE]
+
+
+@pytest.mark.parametrize(
+    ("action", "code"), [("defer", 421), ("reject", 554)], ids=["defer", "reject"]
+)
+async def test_early_input_from_unadvertised_host_refused(action: str, code: int) -> None:
+    mta = FakeMTA(banner_delay=0.2)
+    pc = {"advertise_hosts": ["!127.0.0.1", "*"], "unadvertised_early_input": action}
+    async with running(mta, pipe_connect=pc) as (port, metrics):
+        c = await connect(port)
+        await c.stream.send_all(b"EHLO me.test\r\n" + ENVELOPE)
+        reply = await c.reply()
+        assert reply is not None and reply.code == code
+        assert b"SMTP synchronization error" in reply.lines[0]
+        assert await c.reply() is None  # closed after the one reply
+        await trio.sleep(0.3)
+    assert mta.commands == [] and bytes(mta.received) == b""
+    assert metrics.early_refused.labels(action)._value.get() == 1
+
+
+async def test_early_input_forwarded_to_judge() -> None:
+    mta = FakeMTA(banner_delay=0.2)
+    pc = {"advertise_hosts": [], "unadvertised_early_input": "forward"}
+    async with running(mta, pipe_connect=pc) as (port, _):
+        c = await connect(port)
+        await c.stream.send_all(b"EHLO me.test\r\nQUIT\r\n")
+        replies = await c.replies_n(3)
+        assert [r.code for r in replies] == [220, 250, 221]
+        assert b"PIPECONNECT" not in b"".join(replies[1].lines)
+    assert mta.early_input == [b"EHLO me.test\r\nQUIT\r\n"]
+    assert mta.commands == [b"EHLO me.test\r\n", b"QUIT\r\n"]  # each byte reached it once
+
+
+async def test_early_input_accepted_without_advertising() -> None:
+    mta = FakeMTA(banner_delay=0.2, pipelining=False)
+    pc = {"advertise_hosts": [], "unadvertised_early_input": "accept"}
+    async with running(mta, pipe_connect=pc) as (port, _):
+        c = await connect(port)
+        await c.stream.send_all(b"EHLO me.test\r\nQUIT\r\n")
+        banner, ehlo, bye = await c.replies_n(3)
+        assert (banner.code, ehlo.code, bye.code) == (220, 250, 221)
+        assert b"PIPECONNECT" not in b"".join(ehlo.lines)
+    assert mta.violations == []
+
+
+async def test_banner_421_relayed_and_session_ends() -> None:
+    mta = FakeMTA(banner=b"421 4.3.2 busy\r\n")
+    async with running(mta) as (port, _):
+        c = await connect(port)
+        reply = await c.reply()
+        assert reply is not None and reply.code == 421 and reply.lines == (b"4.3.2 busy",)
+        await c.stream.send_all(b"EHLO me.test\r\n")
+        reply = await c.reply()
+        assert reply is None or reply.code == 421
+
+
+async def test_mta_closing_mid_data_gives_4xx_never_250() -> None:
+    mta = FakeMTA(script={"EOD": CLOSE})
+    async with running(mta) as (port, _):
+        c = await connect(port)
+        await c.reply()
+        await c.stream.send_all(b"EHLO me.test\r\n")
+        await c.reply()
+        await c.stream.send_all(ENVELOPE)
+        assert [r.code for r in await c.replies_n(3)] == [250, 250, 354]
+        await c.stream.send_all(MESSAGE + b".\r\n")
+        reply = await c.reply()
+        assert reply is not None and 400 <= reply.code < 500
+        assert await c.reply() is None
+
+
+async def test_mta_stalls_then_client_gets_421() -> None:
+    mta = FakeMTA(script={"MAIL": STALL})
+    async with running(mta, timeouts={"mail": 0.3}) as (port, _):
+        c = await connect(port)
+        await c.reply()
+        await c.stream.send_all(b"EHLO me.test\r\n")
+        await c.reply()
+        await c.stream.send_all(b"MAIL FROM:<a@src.test>\r\n")
+        reply = await c.reply()
+        assert reply is not None and reply.code == 421
+
+
+async def test_silent_client_times_out(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "pipeconnect")
+    mta = FakeMTA()
+    async with running(mta, timeouts={"command": 0.3}) as (port, _):
+        c = await connect(port)
+        banner = await c.reply()
+        assert banner is not None and banner.code == 220
+        reply = await c.reply()
+        assert reply is not None and reply.code == 421 and b"Timeout" in reply.lines[0]
+        await trio.sleep(0.1)
+    assert any("outcome=client-timeout" in r.getMessage() for r in caplog.records)
+
+
+async def test_proxy_only_commands_refused_locally() -> None:
+    mta = FakeMTA()
+    async with running(mta) as (port, _):
+        c = await connect(port)
+        await c.reply()
+        await c.stream.send_all(b"EHLO me.test\r\nXCLIENT ADDR=1.2.3.4\r\nSTARTTLS\r\nQUIT\r\n")
+        replies = await c.replies_n(4)
+        assert [r.code for r in replies] == [250, 550, 454, 221]
+    assert not any(b"XCLIENT" in cmd or b"STARTTLS" in cmd for cmd in mta.commands)
+
+
+async def test_bare_lf_in_message_refused_and_never_completed() -> None:
+    mta = FakeMTA()
+    async with running(mta) as (port, _):
+        c = await connect(port)
+        await c.reply()
+        await c.stream.send_all(b"EHLO me.test\r\n")
+        await c.reply()
+        await c.stream.send_all(ENVELOPE)
+        await c.replies_n(3)
+        await c.stream.send_all(b"Subject: x\r\n\r\nhello\n.\nMAIL FROM:<evil@x>\r\n.\r\n")
+        reply = await c.reply()
+        assert reply is not None and reply.code == 554
+    assert mta.messages == []
+    assert not any(b"evil" in cmd for cmd in mta.commands)
+
+
+async def test_bdat_relayed_by_length() -> None:
+    mta = FakeMTA(banner_delay=0.1)
+    body = b"Subject: b\r\n\r\n.\r\nnot an end\r\n"
+    async with running(mta) as (port, _):
+        c = await connect(port)
+        cmds = b"EHLO me.test\r\nMAIL FROM:<a@src.test>\r\nRCPT TO:<b@dest.test>\r\n"
+        await c.stream.send_all(cmds + b"BDAT %d LAST\r\n" % len(body) + body)
+        replies = await c.replies_n(5)
+        assert [r.code for r in replies] == [220, 250, 250, 250, 250]
+    assert mta.messages == [body]
