@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import trio
 
 from .proxyproto import encode_v1, encode_v2, xclient_command
@@ -101,9 +103,25 @@ async def connect(
     return up
 
 
+async def client_name(addr: str, timeout: float = 5.0) -> str:
+    """The client's verified host name, as Postfix would find it itself: the PTR name only if
+    it resolves back to the address. Without NAME, Postfix would keep the proxy's own name."""
+    with trio.move_on_after(timeout):
+        try:
+            name, _ = await trio.socket.getnameinfo((addr, 0), socket.NI_NAMEREQD)
+            infos = await trio.socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            return "[TEMPUNAVAIL]" if exc.errno == socket.EAI_AGAIN else "[UNAVAILABLE]"
+        if any(info[4][0] == addr for info in infos):
+            return str(name)
+        return "[UNAVAILABLE]"
+    return "[TEMPUNAVAIL]"
+
+
 async def xclient(up: Upstream, client: Endpoint, timeout: float) -> None:
     """Postfix XCLIENT after the banner: it resets the session and answers 220."""
-    await up.send(xclient_command(client[0], client[1]))
+    name = await client_name(client[0])
+    await up.send(xclient_command(client[0], client[1], name=name))
     reply = await up.read_reply(timeout, "XCLIENT reply")
     if reply.code != 220:
         raise UpstreamError("upstream-xclient", f"XCLIENT refused: {reply.code} {reply.text}")

@@ -255,3 +255,51 @@ async def test_bdat_relayed_by_length() -> None:
         replies = await c.replies_n(5)
         assert [r.code for r in replies] == [220, 250, 250, 250, 250]
     assert mta.messages == [body]
+
+
+async def test_xclient_identity_sent_after_banner_before_anything_else() -> None:
+    mta = FakeMTA(proxy_protocol=False, script={"XCLIENT": b"220 fake.test ESMTP\r\n"})
+    up = {"client_identity": "xclient"}
+    async with running(mta, upstream=up) as (port, _):
+        c = await connect(port)
+        await c.stream.send_all(b"EHLO me.test\r\nQUIT\r\n")
+        assert [r.code for r in await c.replies_n(3)] == [220, 250, 221]
+    assert mta.commands[0].startswith(b"XCLIENT ADDR=127.0.0.1 PORT=")
+    assert b" NAME=" in mta.commands[0]
+    assert mta.commands[1:] == [b"EHLO me.test\r\n", b"QUIT\r\n"]
+    assert mta.violations == []
+
+
+async def test_xclient_refused_gives_client_421() -> None:
+    mta = FakeMTA(proxy_protocol=False, script={"XCLIENT": b"550 5.7.0 not authorized\r\n"})
+    async with running(mta, upstream={"client_identity": "xclient"}) as (port, _):
+        c = await connect(port)
+        reply = await c.reply()
+        assert reply is not None and reply.code == 421
+        assert await c.reply() is None
+
+
+async def test_upstream_down_gives_421() -> None:
+    mta = FakeMTA()
+    async with trio.open_nursery() as nursery:
+        listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+        dead_port = listener.socket.getsockname()[1]
+        await listener.aclose()  # nothing listens there now
+        bound = await nursery.start(serve, make_config(dead_port), Metrics())
+        c = Client(await trio.open_tcp_stream("127.0.0.1", bound[0][1]))
+        async with c.stream:
+            reply = await c.reply()
+            assert reply is not None and reply.code == 421
+        nursery.cancel_scope.cancel()
+    assert mta.connections == 0
+
+
+async def test_connection_limit_per_client() -> None:
+    mta = FakeMTA()
+    async with running(mta, limits={"max_sessions_per_client": 1}) as (port, metrics):
+        first = await connect(port)
+        assert (await first.reply()) is not None
+        second = await connect(port)
+        reply = await second.reply()
+        assert reply is not None and reply.code == 421 and b"Too many" in reply.lines[0]
+    assert metrics.sessions.labels("plain", "too-many")._value.get() == 1
