@@ -112,7 +112,8 @@ def test_stale_cache_defers_then_delivers_nothing_lost(
     proxy_factory: ProxyFactory,
 ) -> None:
     proxy = proxy_factory(postfix.port)
-    exim = exim_client_factory(proxy.port)
+    # one message per connection: no -Mc child carrying the deferred message along
+    exim = exim_client_factory(proxy.port, extra_transport="connection_max_messages = 1")
     first = deliveries(exim.send("alice@client.test", "box@dest.test", body(1)))[-1]
     assert first.kind == "=>"
     # the operator toggles the host off; the client still has the keyword cached
