@@ -2,11 +2,34 @@
 
 from __future__ import annotations
 
+import socket
+import struct
+from typing import TYPE_CHECKING, Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Sessions and DATA can last minutes: the default buckets stop at 10 s.
 _LONG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _SHORT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+if TYPE_CHECKING:
+    from .session import SessionLog
+
+# struct tcp_info (linux/tcp.h): eight u8 fields, then u32s; tcpi_rtt is the 16th (usec).
+_TCPI_RTT = struct.Struct("=I")
+_TCPI_RTT_OFFSET = 8 + 15 * 4
+
+
+def tcp_rtt(sock: Any) -> float | None:
+    """The kernel's smoothed RTT for a connected TCP socket, in seconds (Linux only)."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    except (OSError, AttributeError):
+        return None
+    if len(info) < _TCPI_RTT_OFFSET + 4:
+        return None
+    return float(_TCPI_RTT.unpack_from(info, _TCPI_RTT_OFFSET)[0]) / 1e6
 
 
 class Metrics:
@@ -79,3 +102,12 @@ class Metrics:
             registry=r,
             buckets=_LONG_BUCKETS,
         )
+
+    def record_session(self, log: SessionLog) -> None:
+        """Everything a finished session adds, in one place (called once per session)."""
+        self.sessions.labels(log.listener, log.outcome).inc()
+        self.duration.labels(log.listener).observe(log.elapsed)
+        if log.early_used:
+            self.used.inc()
+            self.replayed.inc(log.replayed)
+            self.round_trips_saved.inc(log.round_trips_saved)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import trio
 
 from .config import Config
-from .metrics import Metrics
+from .metrics import Metrics, tcp_rtt
 from .smtp import (
     NEED_DATA,
     BdatChunk,
@@ -73,6 +73,7 @@ class SessionLog:
     early_used: bool = False
     replayed: int = 0
     round_trips_saved: int = 0
+    client_rtt: float | None = None  # smoothed RTT from TCP_INFO, seconds
     commands: int = 0
     messages: int = 0
     rcpts: int = 0
@@ -80,11 +81,15 @@ class SessionLog:
     detail: str = ""
 
     @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    @property
     def l_field(self) -> str:
         return "L*" if self.early_used else "L." if self.advertised else ""
 
     def render(self, fmt: str) -> str:
-        duration = time.monotonic() - self.start
+        duration = self.elapsed
         if fmt == "json":
             return json.dumps(
                 {
@@ -177,12 +182,7 @@ class Session:
             await self._run()
         finally:
             self.metrics.active.labels(listener).dec()
-            self.metrics.sessions.labels(listener, self.log.outcome).inc()
-            self.metrics.duration.labels(listener).observe(time.monotonic() - self.log.start)
-            if self.log.early_used:
-                self.metrics.used.inc()
-                self.metrics.replayed.inc(self.log.replayed)
-                self.metrics.round_trips_saved.inc(self.log.round_trips_saved)
+            self.metrics.record_session(self.log)
             log.info(self.log.render(self.cfg.log.format))
 
     async def _run(self) -> None:
@@ -202,6 +202,7 @@ class Session:
             except _End as end:
                 self.log.outcome = end.outcome
         finally:
+            self.log.client_rtt = tcp_rtt(self.client_stream.socket)
             with trio.CancelScope(shield=True):
                 if self.up is not None:
                     await self.up.aclose()
