@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -167,15 +168,34 @@ async def test_early_input_accepted_without_advertising() -> None:
     assert mta.violations == []
 
 
-async def test_banner_421_relayed_and_session_ends() -> None:
-    mta = FakeMTA(banner=b"421 4.3.2 busy\r\n")
+@pytest.mark.parametrize("banner", [b"421 4.3.2 busy\r\n", b"554 5.7.1 go away\r\n"])
+async def test_error_banner_relayed_and_session_ends(banner: bytes) -> None:
+    mta = FakeMTA(banner=banner)
     async with running(mta) as (port, _):
         c = await connect(port)
         reply = await c.reply()
-        assert reply is not None and reply.code == 421 and reply.lines == (b"4.3.2 busy",)
+        assert reply is not None and reply.to_bytes() == banner
         await c.stream.send_all(b"EHLO me.test\r\n")
         reply = await c.reply()
+        # the MTA hung up: never a positive reply the MTA did not send
         assert reply is None or reply.code == 421
+
+
+async def test_json_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "pipeconnect")
+    mta = FakeMTA(banner_delay=0.1)
+    async with running(mta, log={"format": "json"}) as (port, _):
+        c = await connect(port)
+        await c.stream.send_all(b"EHLO me.test\r\n" + ENVELOPE)
+        await c.replies_n(5)
+        await c.stream.send_all(MESSAGE + b".\r\nQUIT\r\n")
+        await c.replies_n(2)
+        await trio.sleep(0.1)
+    [line] = [r.getMessage() for r in caplog.records if r.name == "pipeconnect.session"]
+    record = json.loads(line)
+    assert record["L"] == "L*" and record["outcome"] == "quit" and record["helo"] == "me.test"
+    assert record["messages"] == 1 and record["rcpts"] == 1 and record["round_trips_saved"] == 2
+    assert record["bytes"] == len(MESSAGE) and record["early_bytes"] == 14 + len(ENVELOPE)
 
 
 async def test_mta_closing_mid_data_gives_4xx_never_250() -> None:
