@@ -12,6 +12,7 @@ import contextlib
 import ipaddress
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -46,6 +47,7 @@ REFUSE_REPLIES = {
 }
 # Only the proxy speaks for the client to the MTA.
 FORBIDDEN = {"XCLIENT", "XFORWARD"}
+_PROXY_ONLY_LINE = re.compile(rb"(?im)^(?:XCLIENT|XFORWARD|STARTTLS|PROXY)\b")
 
 
 class _ClientGone(Exception):
@@ -235,6 +237,12 @@ class Session:
                         scope.cancel()  # gone before the banner: nothing to do
                     return
                 early.extend(data)
+                if policy == "forward" and _PROXY_ONLY_LINE.search(early):
+                    # Never pass on a command only the proxy may send (nor one it answers
+                    # itself: the relay would then fall out of step with the MTA).
+                    refused.append("defer")
+                    scope.cancel()
+                    return
                 if policy in ("defer", "reject"):
                     refused.append(policy)
                     scope.cancel()
@@ -244,8 +252,7 @@ class Session:
                     # early-talker checks judge it; the relay later skips these bytes.
                     await header_sent.wait()
                     assert self.up is not None
-                    await self.up.send(bytes(data))
-                    self.up.skip += len(data)
+                    await self.up.forward_early(bytes(data))
 
         async def open_upstream(scope: trio.CancelScope) -> None:
             up = self.cfg.upstream

@@ -39,13 +39,20 @@ class Upstream:
         # session relays them again they are skipped, so the MTA sees each byte once.
         self.skip = 0
 
+    async def forward_early(self, data: bytes) -> None:
+        """Send bytes the client sent before the banner, and skip them when relayed later."""
+        await self._write(data)
+        self.skip += len(data)
+
     async def send(self, data: bytes) -> None:
         if self.skip:
             n = min(self.skip, len(data))
             self.skip -= n
             data = data[n:]
-        if not data:
-            return
+        if data:
+            await self._write(data)
+
+    async def _write(self, data: bytes) -> None:
         try:
             await self.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:

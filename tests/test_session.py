@@ -323,3 +323,30 @@ async def test_connection_limit_per_client() -> None:
         reply = await second.reply()
         assert reply is not None and reply.code == 421 and b"Too many" in reply.lines[0]
     assert metrics.sessions.labels("plain", "too-many")._value.get() == 1
+
+
+async def test_forwarded_early_input_in_pieces_reaches_mta_once() -> None:
+    mta = FakeMTA(banner_delay=0.3)
+    pc = {"advertise_hosts": [], "unadvertised_early_input": "forward"}
+    async with running(mta, pipe_connect=pc) as (port, _):
+        c = await connect(port)
+        await c.stream.send_all(b"EHLO me.te")
+        await trio.sleep(0.05)
+        await c.stream.send_all(b"st\r\nNOOP\r\n")
+        await trio.sleep(0.05)
+        await c.stream.send_all(b"QUIT\r\n")
+        assert [r.code for r in await c.replies_n(4)] == [220, 250, 250, 221]
+    assert mta.commands == [b"EHLO me.test\r\n", b"NOOP\r\n", b"QUIT\r\n"]
+
+
+async def test_forward_never_passes_proxy_only_commands() -> None:
+    mta = FakeMTA(banner_delay=0.3)
+    pc = {"advertise_hosts": [], "unadvertised_early_input": "forward"}
+    async with running(mta, pipe_connect=pc) as (port, metrics):
+        c = await connect(port)
+        await c.stream.send_all(b"EHLO me.test\r\nXCLIENT ADDR=10.0.0.1\r\n")
+        reply = await c.reply()
+        assert reply is not None and reply.code == 421
+        await trio.sleep(0.4)
+    assert bytes(mta.received) == b"" and mta.early_input == []
+    assert metrics.early_refused.labels("defer")._value.get() == 1
