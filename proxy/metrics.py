@@ -1,20 +1,51 @@
-"""Prometheus collectors. One ``Metrics`` per process (tests make their own registry)."""
+"""Prometheus collectors. One ``Metrics`` per process (tests make their own registry).
+
+Every family is exported under the ``pipeconnect_`` namespace and follows the Prometheus
+naming rules: base units (seconds, bytes), ``_total`` on counters, labels of low
+cardinality (listener, outcome, action, TLS version, reason; never a client address).
+Sessions update a few counters live; everything else a finished session implies is
+added once, by ``record_session``. The HTTP endpoint serving them is ``proxy.httpd``.
+"""
 
 from __future__ import annotations
 
 import socket
 import struct
+import time
+from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+if TYPE_CHECKING:
+    from .session import SessionLog
+
+# `*_created` series double the number of series for little use, and exporters written in
+# Go (what operators compare us with) do not have them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # Sessions and DATA can last minutes: the default buckets stop at 10 s.
 _LONG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _SHORT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
+NAMESPACE = "pipeconnect"
 
-if TYPE_CHECKING:
-    from .session import SessionLog
+try:
+    VERSION = version("pipeconnect-proxy")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    VERSION = "unknown"
+
+# Session outcomes that mean the TLS handshake with the client failed, and the reason label.
+_TLS_FAILURES = {"tls-failed": "handshake-error", "tls-timeout": "timeout"}
 
 # struct tcp_info (linux/tcp.h): eight u8 fields, then u32s; tcpi_rtt is the 16th (usec).
 _TCPI_RTT = struct.Struct("=I")
@@ -33,31 +64,67 @@ def tcp_rtt(sock: Any) -> float | None:
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    """All collectors, registered in one ``CollectorRegistry``.
+
+    ``process=True`` (the default) also registers the standard ``process_*``,
+    ``python_info`` and ``python_gc_*`` collectors, as every Python exporter has.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, process: bool = True) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        ns = "pipeconnect"
+        ns = NAMESPACE
+        if process:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+            GCCollector(registry=r)
+
+        self.build_info = Gauge(
+            "build_info",
+            "pipeconnect-proxy version (always 1)",
+            ["version"],
+            namespace=ns,
+            registry=r,
+        )
+        self.build_info.labels(VERSION).set(1)
+
+        # --- sessions ---------------------------------------------------------------------
         self.sessions = Counter(
-            "sessions", "Client sessions ended", ["listener", "outcome"], namespace=ns, registry=r
+            "sessions",
+            "Client sessions ended, by listener and outcome",
+            ["listener", "outcome"],
+            namespace=ns,
+            registry=r,
         )
         self.active = Gauge(
             "active_sessions", "Client sessions in progress", ["listener"], namespace=ns, registry=r
         )
+        self.duration = Histogram(
+            "session_duration_seconds",
+            "Client session duration",
+            ["listener"],
+            namespace=ns,
+            registry=r,
+            buckets=_LONG_BUCKETS,
+        )
+
+        # --- early pipelining -------------------------------------------------------------
         self.advertised = Counter(
-            "ehlo_advertised",
-            "EHLO replies that advertised the early-pipelining keywords",
+            "early_pipelining_advertised",
+            "Sessions whose EHLO reply advertised the early-pipelining keywords",
             namespace=ns,
             registry=r,
         )
         self.used = Counter(
             "early_pipelining_used",
-            "Sessions whose commands sent before the banner were used",
+            "Sessions whose commands sent before the banner (or behind the first EHLO) were used",
             namespace=ns,
             registry=r,
         )
         self.early_refused = Counter(
             "early_input_refused",
-            "Sessions whose input before the banner was refused (SMTP synchronization error)",
+            "Sessions whose input before the banner was refused (SMTP synchronization error), "
+            "by the action taken",
             ["action"],
             namespace=ns,
             registry=r,
@@ -74,12 +141,32 @@ class Metrics:
             namespace=ns,
             registry=r,
         )
+        self.time_saved = Counter(
+            "time_saved_seconds",
+            "Client time saved by early pipelining: the client's smoothed RTT (TCP_INFO) "
+            "times the round trips each session saved",
+            namespace=ns,
+            registry=r,
+        )
+
+        # --- relaying ---------------------------------------------------------------------
         self.messages = Counter(
-            "messages", "Messages accepted by the MTA and relayed", namespace=ns, registry=r
+            "relayed_messages",
+            "Messages accepted by the MTA (250 after the data) and relayed",
+            namespace=ns,
+            registry=r,
         )
         self.message_bytes = Counter(
-            "message_bytes", "Message bytes relayed to the MTA", namespace=ns, registry=r
+            "relayed_bytes", "Message bytes relayed to the MTA", namespace=ns, registry=r
         )
+        self.recipients = Counter(
+            "relayed_recipients",
+            "Recipients the MTA accepted (RCPT answered 2xx)",
+            namespace=ns,
+            registry=r,
+        )
+
+        # --- upstream ---------------------------------------------------------------------
         self.upstream_connect = Histogram(
             "upstream_connect_seconds",
             "Time to connect to the MTA",
@@ -94,20 +181,98 @@ class Metrics:
             registry=r,
             buckets=_LONG_BUCKETS,
         )
-        self.duration = Histogram(
-            "session_duration_seconds",
-            "Client session duration",
-            ["listener"],
+        self.upstream_up = Gauge(
+            "upstream_up",
+            "1 if the MTA accepted a TCP connection recently (a session or a health probe), "
+            "else 0; evaluated when /metrics or /healthz is requested",
             namespace=ns,
             registry=r,
-            buckets=_LONG_BUCKETS,
         )
+        self.upstream_probes = Counter(
+            "upstream_probes",
+            "TCP connect probes of the MTA made by the health check, by result",
+            ["result"],
+            namespace=ns,
+            registry=r,
+        )
+
+        # --- TLS towards clients ------------------------------------------------------------
+        self.tls_handshakes = Counter(
+            "tls_handshakes",
+            "Completed TLS handshakes with clients, by protocol version",
+            ["version"],
+            namespace=ns,
+            registry=r,
+        )
+        self.tls_failures = Counter(
+            "tls_handshake_failures",
+            "Failed TLS handshakes with clients, by reason",
+            ["reason"],
+            namespace=ns,
+            registry=r,
+        )
+
+        # --- configuration ------------------------------------------------------------------
+        self.config_reloads = Counter(
+            "config_reloads",
+            "Configuration reloads attempted (SIGHUP)",
+            namespace=ns,
+            registry=r,
+        )
+        self.config_reload_failures = Counter(
+            "config_reload_failures",
+            "Configuration reloads refused (the previous configuration stays in force)",
+            namespace=ns,
+            registry=r,
+        )
+        self.config_last_reload_successful = Gauge(
+            "config_last_reload_successful",
+            "1 if the last configuration load or reload succeeded, else 0",
+            namespace=ns,
+            registry=r,
+        )
+        self.config_last_reload_success = Gauge(
+            "config_last_reload_success_timestamp_seconds",
+            "Unix time the configuration in force was loaded (start-up or reload)",
+            namespace=ns,
+            registry=r,
+        )
+        self.config_last_reload_successful.set(1)
+        self.config_last_reload_success.set(time.time())
+
+        # Known label values start at 0, so that rate() and increase() see the first event.
+        for action in ("defer", "reject"):
+            self.early_refused.labels(action)
+        for reason in _TLS_FAILURES.values():
+            self.tls_failures.labels(reason)
+        for result in ("success", "failure"):
+            self.upstream_probes.labels(result)
 
     def record_session(self, log: SessionLog) -> None:
         """Everything a finished session adds, in one place (called once per session)."""
         self.sessions.labels(log.listener, log.outcome).inc()
         self.duration.labels(log.listener).observe(log.elapsed)
+        if log.rcpts:
+            self.recipients.inc(log.rcpts)
+        tls = getattr(log, "tls", "")
+        if tls:
+            self.tls_handshakes.labels(tls).inc()
+        reason = _TLS_FAILURES.get(log.outcome)
+        if reason is not None:
+            self.tls_failures.labels(reason).inc()
         if log.early_used:
             self.used.inc()
             self.replayed.inc(log.replayed)
             self.round_trips_saved.inc(log.round_trips_saved)
+            if log.client_rtt is not None and log.round_trips_saved > 0:
+                self.time_saved.inc(log.client_rtt * log.round_trips_saved)
+
+    def record_reload(self, ok: bool) -> None:
+        """One configuration reload attempt (for the reload code in ``server``)."""
+        self.config_reloads.inc()
+        if ok:
+            self.config_last_reload_successful.set(1)
+            self.config_last_reload_success.set(time.time())
+        else:
+            self.config_reload_failures.inc()
+            self.config_last_reload_successful.set(0)

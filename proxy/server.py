@@ -11,6 +11,7 @@ from contextlib import contextmanager
 import trio
 
 from .config import Config
+from .httpd import Health, serve_http
 from .metrics import Metrics
 from .session import Session, _client_ip
 from .smtp import Reply
@@ -64,13 +65,25 @@ def _endpoint(sockaddr: tuple[str, int] | tuple[str, int, int, int]) -> Endpoint
     return (sockaddr[0], sockaddr[1])
 
 
+class Bound(list[Endpoint]):
+    """What ``serve`` reports once it listens: the SMTP endpoints (a list, as before),
+    plus ``metrics``, the metrics/health endpoint (``None`` when disabled or unbindable),
+    and ``health``, the readiness state behind ``/healthz``."""
+
+    def __init__(self, smtp: list[Endpoint], health: Health) -> None:
+        super().__init__(smtp)
+        self.health = health
+        self.metrics: Endpoint | None = None
+
+
 async def serve(
     config: Config,
     metrics: Metrics,
     *,
-    task_status: trio.TaskStatus[list[Endpoint]] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the listeners until cancelled. ``task_status`` receives the bound addresses."""
+    """Run the listeners until cancelled. ``task_status`` receives the bound addresses
+    (a ``Bound``: the SMTP endpoints, and the metrics endpoint as ``.metrics``)."""
     limits = Limits(config.limits.max_sessions, config.limits.max_sessions_per_client)
     bound: list[Endpoint] = []
     listeners: list[trio.SocketListener] = []
@@ -106,15 +119,21 @@ async def serve(
             )
             await session.run()
 
+    health = Health(metrics, config.upstream.address)
+    result = Bound(bound, health)
+    metrics.active.labels("plain")  # exported as 0 from the start
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, handler, listeners)
+        if config.metrics.listen is not None:
+            result.metrics = await nursery.start(serve_http, config.metrics.listen, metrics, health)
+        health.listening = True
         log.info(
             "listening on %s, upstream %s (%s)",
             ", ".join(f"{h}:{p}" for h, p in bound),
             config.upstream.address,
             config.upstream.client_identity,
         )
-        task_status.started(bound)
+        task_status.started(result)
 
 
 async def run_until_signal(config: Config, metrics: Metrics) -> None:
