@@ -1,0 +1,62 @@
+"""The benchmark harness runs (never: that something is fast).
+
+- The delay relay keeps order, delays connect and data, and emulates its RTT setting closely
+  (a generous bound here: the machines are noisy; `python -m bench` prints the exact figures).
+"""
+
+from __future__ import annotations
+
+import trio
+
+from bench.delay import DelayRelay, calibrate
+
+
+async def test_delay_relay_emulates_its_rtt() -> None:
+    for rtt in (0.01, 0.05):
+        cal = await calibrate(rtt, rounds=5)
+        # Relay-added round trip (echo) and connect -> banner, against the setting.
+        assert abs(cal.echo_error) < 0.10, cal
+        assert abs(cal.banner_error) < 0.20, cal
+        assert cal.banner >= rtt and cal.echo >= rtt, cal
+
+
+async def test_delay_relay_keeps_order_and_records_end_of_data() -> None:
+    got = bytearray()
+
+    async def server(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.send_all(b"220 ready\r\n")
+            for _ in range(1000):  # bounded
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                got.extend(data)
+                if got.endswith(b"\r\n.\r\n"):
+                    await stream.send_all(b"250 ok\r\n")
+
+    async with trio.open_nursery() as nursery:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        nursery.start_soon(trio.serve_listeners, server, listeners)
+        relay = DelayRelay(upstream=("127.0.0.1", listeners[0].socket.getsockname()[1]), rtt=0.02)
+        port = await nursery.start(relay.serve)
+        with trio.fail_after(10):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                # Sent before the banner: must arrive in order, after the delayed connect.
+                chunks = [f"line {i}\r\n".encode() for i in range(200)]
+                for chunk in chunks:
+                    await stream.send_all(chunk)
+                received = await stream.receive_some(1000)
+                await stream.send_all(b".\r\n")  # after the banner, as SMTP does
+                while b"250 ok\r\n" not in received:
+                    data = await stream.receive_some(1000)
+                    assert data
+                    received += data
+        nursery.cancel_scope.cancel()
+
+    assert bytes(got) == b"".join(chunks) + b".\r\n"
+    assert received == b"220 ready\r\n250 ok\r\n"
+    (rec,) = relay.records
+    assert rec.final_code == b"250"
+    assert rec.to_banner is not None and rec.to_banner >= 0.02
+    assert rec.to_final is not None and rec.to_final >= 0.04
