@@ -2,13 +2,24 @@
 
 - The delay relay keeps order, delays connect and data, and emulates its RTT setting closely
   (a generous bound here: the machines are noisy; `python -m bench` prints the exact figures).
+- `python -m bench --quick` produces its P1 result file (needs the real MTAs and HAProxy:
+  skipped without them, except under CI=true).
 """
 
 from __future__ import annotations
 
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import trio
 
 from bench.delay import DelayRelay, calibrate
+from bench.peers import missing_peers
+from tests.conftest import require_mtas
 
 
 async def test_delay_relay_emulates_its_rtt() -> None:
@@ -60,3 +71,45 @@ async def test_delay_relay_keeps_order_and_records_end_of_data() -> None:
     assert rec.final_code == b"250"
     assert rec.to_banner is not None and rec.to_banner >= 0.02
     assert rec.to_final is not None and rec.to_final >= 0.04
+
+
+def test_bench_quick_writes_p1_results(tmp_path: Path) -> None:
+    """`python -m bench --quick` runs P1 end to end (real Postfix, Exim, HAProxy, the proxy)
+    and writes its CSV. Checks shape and that early pipelining was used where it should be;
+    never timing."""
+    require_mtas()
+    if missing_peers():
+        reason = f"benchmark peers missing: {', '.join(missing_peers())} (apt-get install haproxy)"
+        if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+            pytest.fail(f"CI=true, so not skipping: {reason}", pytrace=False)
+        pytest.skip(reason)
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--sessions", "2", "--out", str(out)],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with (out / "p1.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert rows and set(rows[0]) == {
+        "rtt_ms",
+        "client",
+        "path",
+        "session",
+        "early",
+        "seconds",
+        "banner_seconds",
+        "final_code",
+    }
+    cells = {(r["client"], r["path"]) for r in rows}
+    paths = {"postfix-direct", "haproxy-postfix", "proxy-postfix", "exim-native"}
+    assert cells == {(c, p) for c in ("own", "exim") for p in paths}
+    assert all(r["final_code"] == "250" and float(r["seconds"]) > 0 for r in rows)
+    # Early pipelining through the proxy and to native Exim, never to plain Postfix/HAProxy.
+    for r in rows:
+        assert (r["early"] == "True") == (r["path"] in ("proxy-postfix", "exim-native")), r
+    assert "## P1" in (out / "summary.md").read_text()
