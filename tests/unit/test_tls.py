@@ -397,11 +397,11 @@ async def test_concurrent_use_is_detected(server_ctx: SSL.Context, certs: Certs)
     )
     with trio.fail_after(TIMEOUT):
         await handshake_both(client, server)
-        with trio.testing.RaisesGroup(trio.BusyResourceError):
+        with pytest.RaisesGroup(trio.BusyResourceError):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(client.send_all, b"a")
                 nursery.start_soon(client.send_all, b"b")
-        with trio.testing.RaisesGroup(trio.BusyResourceError):
+        with pytest.RaisesGroup(trio.BusyResourceError):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(server.receive_some, 1)
                 nursery.start_soon(server.receive_some, 1)
