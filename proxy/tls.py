@@ -74,6 +74,8 @@ TLS_VERSIONS: Final = {"TLSv1.2": SSL.TLS1_2_VERSION, "TLSv1.3": SSL.TLS1_3_VERS
 # A TLS record carries at most 16 KiB of plaintext; pyOpenSSL turns on
 # SSL_MODE_ENABLE_PARTIAL_WRITE, so one SSL_write may take less than it was given anyway.
 _SEND_SLICE: Final = 16384
+# Plaintext encrypted per transport send_all: bounds the ciphertext buffered at once.
+_MAX_WRITE_ROUND: Final = 16 * _SEND_SLICE
 _STARTING_RECEIVE_SIZE: Final = 16384
 _BIO_READ_SIZE: Final = 65536
 _SESSION_ID_CONTEXT: Final = b"pipeconnect-proxy"
@@ -265,6 +267,24 @@ class OpenSSLStream(trio.abc.Stream):
         except SSL.ZeroReturnError:  # the peer's close_notify
             return b""
 
+    def _write(self, view: memoryview) -> int:
+        """Encrypt up to `_MAX_WRITE_ROUND` bytes of `view` into the outgoing BIO.
+
+        One SSL_write per 16 KiB slice (one record each; pyOpenSSL enables partial writes,
+        so each call may also take less). Returns how much was taken; raises WantRead/
+        WantWrite only if nothing was, so that a retry never encrypts the same bytes twice.
+        """
+        total = 0
+        limit = min(len(view), _MAX_WRITE_ROUND)
+        while total < limit:
+            try:
+                total += self._conn.send(view[total : min(total + _SEND_SLICE, limit)])
+            except (SSL.WantReadError, SSL.WantWriteError):
+                if total:
+                    return total
+                raise
+        return total
+
     async def _send_alert(self) -> None:
         """Best effort: send the alert OpenSSL wrote on a fatal error, so the peer learns why.
 
@@ -408,8 +428,7 @@ class OpenSSLStream(trio.abc.Stream):
                 return
             offset = 0
             while offset < len(view):
-                chunk = view[offset : offset + _SEND_SLICE]
-                written = await self._retry(partial(self._conn.send, chunk))
+                written = await self._retry(partial(self._write, view[offset:]))
                 assert written is not None
                 offset += written
 
@@ -497,7 +516,7 @@ class OpenSSLStream(trio.abc.Stream):
 
 # ---- pieces pyOpenSSL has no public API for -------------------------------------------
 #
-# SSL_session_reused and X509_VERIFY_PARAM_set1_host/_ip_asc are not wrapped by
+# SSL_session_reused and X509_VERIFY_PARAM_set1_host/_ip are not wrapped by
 # OpenSSL.SSL; the bindings are those pyOpenSSL itself uses (cryptography's). Kept to these
 # two helpers; a missing binding fails closed (no resumption reported / hostname refused).
 
@@ -526,13 +545,13 @@ def _set_peer_name(conn: SSL.Connection, hostname: str) -> None:
     except ValueError:
         ip = None
     setter = getattr(
-        lib, "X509_VERIFY_PARAM_set1_ip_asc" if ip else "X509_VERIFY_PARAM_set1_host", None
+        lib, "X509_VERIFY_PARAM_set1_ip" if ip else "X509_VERIFY_PARAM_set1_host", None
     )
     if get_param is None or setter is None or ssl_ptr is None:
         raise TLSConfigError("this OpenSSL binding cannot verify peer names")
     param = get_param(ssl_ptr)
-    if ip is not None:
-        ok = setter(param, str(ip).encode("ascii"))
+    if ip is not None:  # no SNI for an address (RFC 6066 section 3)
+        ok = setter(param, ip.packed, len(ip.packed))
     else:
         name = hostname.rstrip(".").encode("idna")
         conn.set_tlsext_host_name(name)

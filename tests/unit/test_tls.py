@@ -143,7 +143,7 @@ async def test_handshake_properties_and_large_send(
     assert server.server_side and not client.server_side
     assert client.negotiated_version is None and client.cipher is None
     assert not client.session_reused
-    payload = bytes(range(256)) * 1000  # 256 000 bytes in one send_all: 16 KiB slices
+    payload = bytes(range(256)) * 5000  # 1.28 MB in one send_all: 16 KiB records, in rounds
 
     async def receive_all(stream: OpenSSLStream, n: int) -> bytes:
         got = bytearray()
@@ -158,6 +158,7 @@ async def test_handshake_properties_and_large_send(
         assert client.negotiated_version == server.negotiated_version == version
         assert client.cipher is not None and client.cipher == server.cipher
         assert not client.session_reused and not server.session_reused
+        assert server.connection.get_servername() == HOSTNAME.encode()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client.send_all, payload)
             assert await receive_all(server, len(payload)) == payload
@@ -254,6 +255,25 @@ async def test_our_client_stdlib_server(certs: Certs, version: str) -> None:
             nursery.start_soon(client.aclose)
             assert await server.receive_some() == b""
         await server.aclose()
+
+
+async def test_client_accepts_an_ip_address_in_the_certificate(
+    server_ctx: SSL.Context, certs: Certs
+) -> None:
+    client_t, server_t = trio.testing.memory_stream_pair()
+    client = OpenSSLStream(client_t, client_context(certs.cafile), server_hostname="127.0.0.1")
+    server = OpenSSLStream(server_t, server_ctx, server_side=True)
+    with trio.fail_after(TIMEOUT):
+        await handshake_both(client, server)
+    assert server.connection.get_servername() is None  # no SNI for an address
+    client_t, server_t = trio.testing.memory_stream_pair()
+    client = OpenSSLStream(client_t, client_context(certs.cafile), server_hostname="127.0.0.2")
+    server = OpenSSLStream(server_t, server_ctx, server_side=True)
+    with (
+        trio.fail_after(TIMEOUT),
+        pytest.RaisesGroup(trio.BrokenResourceError, trio.BrokenResourceError),
+    ):
+        await handshake_both(client, server)
 
 
 async def test_client_checks_the_server_name(server_ctx: SSL.Context, certs: Certs) -> None:
