@@ -383,6 +383,23 @@ async def test_cancel_mid_handshake_leaves_it_broken(server_ctx: SSL.Context) ->
     del client_t
 
 
+async def test_cancel_mid_send_leaves_it_broken(server_ctx: SSL.Context, certs: Certs) -> None:
+    client, server = wrap_pair(
+        server_ctx, certs.cafile, trio.testing.lockstep_stream_pair(), version="TLSv1.3"
+    )
+    with trio.fail_after(TIMEOUT):
+        await handshake_both(client, server)
+        with trio.move_on_after(0.05) as scope:
+            await client.send_all(b"x" * 100_000)  # the server never reads
+        assert scope.cancelled_caught
+        with pytest.raises(trio.BrokenResourceError):
+            await client.send_all(b"y")
+        with pytest.raises(trio.BrokenResourceError):
+            await client.receive_some()
+        await client.aclose()
+        await server.aclose()
+
+
 def partial_send(stream: OpenSSLStream) -> Callable[[], Awaitable[None]]:
     async def send() -> None:
         await stream.send_all(b"x")
