@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 from collections import Counter
@@ -10,11 +11,12 @@ from contextlib import contextmanager
 
 import trio
 
-from .config import Config
+from .config import Address, Config
 from .httpd import Health, serve_http
 from .metrics import Metrics
 from .session import Session, _client_ip
 from .smtp import Reply
+from .tls import server_context
 from .upstream import Endpoint
 
 log = logging.getLogger("pipeconnect.server")
@@ -74,6 +76,7 @@ class Bound(list[Endpoint]):
         super().__init__(smtp)
         self.health = health
         self.metrics: Endpoint | None = None
+        self.tls_on_connect: list[Endpoint] = []  # not in the list: plain listeners only
 
 
 async def serve(
@@ -85,19 +88,28 @@ async def serve(
     """Run the listeners until cancelled. ``task_status`` receives the bound addresses
     (a ``Bound``: the SMTP endpoints, and the metrics endpoint as ``.metrics``)."""
     limits = Limits(config.limits.max_sessions, config.limits.max_sessions_per_client)
-    bound: list[Endpoint] = []
-    listeners: list[trio.SocketListener] = []
-    for address in config.listen.plain:
-        for listener in await trio.open_tcp_listeners(address.port, host=address.host):
-            listeners.append(listener)
-            bound.append(_endpoint(listener.socket.getsockname()))
+    # Built completely before first use, once per configuration (pyOpenSSL 26.2+ refuses
+    # changes to a context in use).
+    tls_context = (
+        server_context(config.tls.certificate, config.tls.key) if config.tls.certificate else None
+    )
+
+    async def open_listeners(addresses: tuple[Address, ...]) -> list[trio.SocketListener]:
+        out: list[trio.SocketListener] = []
+        for address in addresses:
+            out += await trio.open_tcp_listeners(address.port, host=address.host)
+        return out
+
+    plain = await open_listeners(config.listen.plain)
+    implicit = await open_listeners(config.listen.tls_on_connect)
+    bound = [_endpoint(lst.socket.getsockname()) for lst in plain]
     if config.upstream.client_identity == "none":
         log.warning(
             "upstream.client_identity = none: the MTA sees every client as this proxy's "
             "address; its access policy, rate limits and logs lose the real client"
         )
 
-    async def handler(stream: trio.SocketStream) -> None:
+    async def handle(stream: trio.SocketStream, listener: str) -> None:
         try:
             client = _endpoint(stream.socket.getpeername())
             local = _endpoint(stream.socket.getsockname())
@@ -106,30 +118,36 @@ async def serve(
             return
         with limits.admit(str(_client_ip(client[0]))) as refusal:
             if refusal is not None:
-                metrics.sessions.labels("plain", "too-many").inc()
+                metrics.sessions.labels(listener, "too-many").inc()
                 await _reject(stream, refusal)
                 return
             session = Session(
                 stream,
                 client=client,
                 local=local,
-                listener="plain",
+                listener=listener,
                 config=config,
                 metrics=metrics,
+                tls_context=tls_context,
+                implicit_tls=listener == "tls_on_connect",
             )
             await session.run()
 
     health = Health(metrics, config.upstream.address)
     result = Bound(bound, health)
-    metrics.active.labels("plain")  # exported as 0 from the start
+    result.tls_on_connect = [_endpoint(lst.socket.getsockname()) for lst in implicit]
     async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, handler, listeners)
+        for name, listeners in (("plain", plain), ("tls_on_connect", implicit)):
+            if listeners:
+                metrics.active.labels(name)  # exported as 0 from the start
+                handler = functools.partial(handle, listener=name)
+                await nursery.start(trio.serve_listeners, handler, listeners)
         if config.metrics.listen is not None:
             result.metrics = await nursery.start(serve_http, config.metrics.listen, metrics, health)
         health.listening = True
         log.info(
             "listening on %s, upstream %s (%s)",
-            ", ".join(f"{h}:{p}" for h, p in bound),
+            ", ".join(f"{h}:{p}" for h, p in bound + result.tls_on_connect),
             config.upstream.address,
             config.upstream.client_identity,
         )

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 import trio
+from OpenSSL import SSL
 
 from .config import Config
 from .metrics import Metrics, tcp_rtt
@@ -36,6 +37,7 @@ from .smtp import (
     ends_group,
     rewrite_ehlo,
 )
+from .tls import OpenSSLStream
 from .upstream import Endpoint, Upstream, UpstreamError, connect, xclient
 
 log = logging.getLogger("pipeconnect.session")
@@ -76,6 +78,7 @@ class SessionLog:
     replayed: int = 0
     round_trips_saved: int = 0
     client_rtt: float | None = None  # smoothed RTT from TCP_INFO, seconds
+    tls: str = ""  # negotiated TLS version towards the client
     commands: int = 0
     messages: int = 0
     rcpts: int = 0
@@ -97,6 +100,7 @@ class SessionLog:
                 {
                     "event": "session",
                     "listener": self.listener,
+                    "tls": self.tls,
                     "client": f"{self.client[0]}:{self.client[1]}",
                     "helo": self.helo,
                     "upstream": self.upstream,
@@ -118,6 +122,7 @@ class SessionLog:
         parts = [
             f"H=({self.helo}) [{self.client[0]}]:{self.client[1]}",
             f"I={self.listener}",
+            f"X={self.tls}" if self.tls else "",
             f"U={self.upstream}",
             self.l_field,
             f"C={self.commands}",
@@ -156,8 +161,18 @@ class Session:
         listener: str,
         config: Config,
         metrics: Metrics,
+        tls_context: SSL.Context | None = None,
+        implicit_tls: bool = False,
     ) -> None:
-        self.client_stream = stream
+        self.raw_stream = stream
+        self.socket = stream.socket
+        self.client_stream: trio.abc.Stream = stream
+        self.tls_context = tls_context
+        self.implicit_tls = implicit_tls
+        self.tls_active = False
+        self._after_starttls = False
+        self._ehlos = 0  # EHLO commands since connect or since the TLS handshake
+        self.in_transaction = False
         self.client = (str(_client_ip(client[0])), client[1])
         self.local = local
         self.cfg = config
@@ -204,7 +219,7 @@ class Session:
             except _End as end:
                 self.log.outcome = end.outcome
         finally:
-            self.log.client_rtt = tcp_rtt(self.client_stream.socket)
+            self.log.client_rtt = tcp_rtt(self.socket)
             with trio.CancelScope(shield=True):
                 if self.up is not None:
                     await self.up.aclose()
@@ -224,11 +239,15 @@ class Session:
             policy = "defer"
         refused: list[str] = []
         header_sent = trio.Event()
+        handshake_done = trio.Event()  # TLS-on-connect: early bytes count after it
         banner: list[Reply] = []
         early = bytearray()
         limit = self.cfg.pipe_connect.max_early_bytes
 
         async def read_early(scope: trio.CancelScope) -> None:
+            if self.implicit_tls:
+                await self._start_tls()
+            handshake_done.set()
             while len(early) < limit:
                 data = await self._receive(limit - len(early), None)
                 if not data:
@@ -273,6 +292,7 @@ class Session:
             if reply.code == 220 and up.client_identity == "xclient":
                 await xclient(self.up, self.client, self.cfg.timeouts.reply)
             banner.append(reply)
+            await handshake_done.wait()  # never cancel a handshake half way
             scope.cancel()
 
         try:
@@ -292,6 +312,7 @@ class Session:
             self.log.detail = "early input forwarded"
         elif early:
             self.log.early_used = True
+            self.log.round_trips_saved = 1  # the wait for the banner
             self._replaying = True
         self.reader.feed(bytes(early))
         if self.client_eof:
@@ -336,8 +357,15 @@ class Session:
                     raise _End("client-closed")
                 assert isinstance(event, Command), event
                 self.log.commands += 1
-                if self.log.commands == 1 and event.verb == "EHLO" and self.reader.buffered:
-                    self._pipelined_behind_first_ehlo()
+                if event.verb == "EHLO":
+                    self._ehlos += 1
+                    if self._ehlos == 1 and self.reader.buffered:
+                        self._pipelined_behind_first_ehlo()
+                if event.verb == "STARTTLS" and self.tls_context and not self.tls_active:
+                    await self._run_batch(batch)
+                    batch = []
+                    await self._starttls()
+                    continue
                 local = self._local_reply(event)
                 if local is not None:
                     await self._run_batch(batch)
@@ -355,10 +383,51 @@ class Session:
         """Commands already behind the first EHLO mean the client did not wait for the EHLO
         reply, let alone the banner: early pipelining, even when its bytes happened to
         arrive just after our banner left (a fast MTA on loopback answers within the
-        client's round trip)."""
-        if self.keywords and not self.log.early_used:
-            self.log.early_used = True
+        client's round trip). After STARTTLS it saves the wait for the new EHLO reply."""
+        if not self.keywords:
+            return
+        self.log.early_used = True
+        if self._after_starttls:
+            self.log.round_trips_saved += 1
+        else:
+            self.log.round_trips_saved = 2  # the banner and the EHLO reply
             self._replaying = True
+
+    async def _starttls(self) -> None:
+        """Answer STARTTLS ourselves and terminate TLS; the MTA stays in cleartext."""
+        if self.in_transaction:
+            # STARTTLS resets the SMTP state (RFC 3207); make the MTA forget it too.
+            up = self._upstream()
+            await up.send(b"RSET\r\n")
+            await up.read_reply(self.cfg.timeouts.reply, "RSET reply")
+            self.in_transaction = False
+        self._queue(Reply.make(220, "2.0.0 Ready to start TLS"))
+        await self._flush()
+        dropped = self.reader.discard_buffered()
+        if dropped:
+            # Plaintext behind STARTTLS must never be executed (CVE-2011-0411 class).
+            self.log.detail = f"{dropped} plaintext bytes after STARTTLS discarded"
+        self._replaying = False
+        await self._start_tls()
+        self._after_starttls = True
+
+    async def _start_tls(self) -> None:
+        assert self.tls_context is not None
+        stream = OpenSSLStream(self.client_stream, self.tls_context, server_side=True)
+        timeout = self.cfg.timeouts.command
+        with trio.move_on_after(timeout) as scope:
+            try:
+                await stream.do_handshake()
+            except trio.BrokenResourceError as exc:
+                self.log.detail = f"TLS handshake failed: {exc.__cause__ or exc}"
+                raise _End("tls-failed") from None
+        if scope.cancelled_caught:
+            self.log.detail = f"TLS handshake timed out after {timeout:g}s"
+            raise _End("tls-timeout")
+        self.client_stream = stream
+        self.tls_active = True
+        self._ehlos = 0
+        self.log.tls = stream.negotiated_version or "TLS"
 
     def _local_reply(self, cmd: Command) -> Reply | None:
         if cmd.verb in FORBIDDEN:
@@ -376,10 +445,7 @@ class Session:
             return
         up = self._upstream()
         if self._replaying:
-            # The client skipped the wait for the banner, and for the EHLO reply if more
-            # followed; later groups are plain RFC 2920 pipelining, not counted as savings.
             self.log.replayed += len(batch)
-            self.log.round_trips_saved = min(self.log.round_trips_saved + 1, 2)
         grouped = self.up_pipelining and len(batch) > 1
         if grouped:
             await up.send(b"".join(cmd.raw for cmd in batch))
@@ -400,7 +466,11 @@ class Session:
                 caps = ehlo_keywords(reply)
                 self.up_pipelining = "PIPELINING" in caps
                 self.up_chunking = "CHUNKING" in caps
-                reply = rewrite_ehlo(reply, keywords=self.keywords)
+                reply = rewrite_ehlo(
+                    reply,
+                    keywords=self.keywords,
+                    starttls=self.tls_context is not None and not self.tls_active,
+                )
                 if self.keywords and not self.log.advertised:
                     self.log.advertised = True
                     self.metrics.advertised.inc()
@@ -409,6 +479,10 @@ class Session:
             self.up_pipelining = self.up_chunking = False
         elif verb == "RCPT" and reply.positive:
             self.log.rcpts += 1
+        elif verb == "MAIL":
+            self.in_transaction = reply.positive
+        elif verb == "RSET":
+            self.in_transaction = False
         self._queue(reply)
         if verb == "DATA" and reply.code == 354:
             await self._relay_data()
@@ -472,6 +546,7 @@ class Session:
                 raise _End("client-gone-in-data")
 
     def _message_done(self, reply: Reply) -> None:
+        self.in_transaction = False
         if reply.code == 250:
             self.log.messages += 1
             self.metrics.messages.inc()
@@ -527,10 +602,11 @@ class Session:
 
     async def _receive(self, max_bytes: int, timeout: float | None) -> bytes:
         try:
+            # bytes() is free for SocketStream's bytes; TLS streams may hand out bytearrays
             if timeout is None:
-                return await self.client_stream.receive_some(max_bytes)
+                return bytes(await self.client_stream.receive_some(max_bytes))
             with trio.move_on_after(timeout):
-                return await self.client_stream.receive_some(max_bytes)
+                return bytes(await self.client_stream.receive_some(max_bytes))
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise _ClientGone() from exc
         self.log.detail = f"client timeout after {timeout:g}s"
@@ -562,7 +638,9 @@ class Session:
             self._queue(reply)
         try:
             await self._flush()
-            await self.client_stream.send_eof()
+            if self.tls_active:
+                return  # TLS has no half-close; aclose sends close_notify
+            await self.raw_stream.send_eof()
         except (_ClientGone, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return
         if self.client_eof:

@@ -1,0 +1,175 @@
+"""STARTTLS and TLS-on-connect terminated by the proxy, against the fake MTA."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trustme
+
+from proxy.metrics import Metrics
+from proxy.server import serve
+from proxy.smtp import Reply, ReplyReader
+from proxy.tls import OpenSSLStream, client_context
+
+from .fakemta import FakeMTA
+from .test_session import ENVELOPE, MESSAGE, make_config
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def tls_files(ca: trustme.CA, tmp_path: Path) -> dict[str, str]:
+    cert = ca.issue_cert("mx.test", "127.0.0.1")
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
+    cert.private_key_pem.write_to_path(str(key_path))
+    ca_path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_path))
+    return {"certificate": str(cert_path), "key": str(key_path), "ca": str(ca_path)}
+
+
+@asynccontextmanager
+async def running_tls(
+    mta: FakeMTA, files: dict[str, str], **sections: dict[str, Any]
+) -> AsyncIterator[tuple[int, int, Metrics]]:
+    tls = {"certificate": files["certificate"], "key": files["key"]}
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(mta.serve)
+        cfg = make_config(port, tls=tls, listen={"tls_on_connect": ["127.0.0.1:0"]}, **sections)
+        metrics = Metrics()
+        bound = await nursery.start(serve, cfg, metrics)
+        try:
+            yield bound[0][1], bound.tls_on_connect[0][1], metrics
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+class Conversation:
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.replies = ReplyReader()
+        self.reads = 0
+
+    async def replies_n(self, n: int) -> list[Reply]:
+        out: list[Reply] = []
+        with trio.fail_after(5):
+            while len(out) < n:
+                reply = self.replies.next_reply()
+                if reply is not None:
+                    out.append(reply)
+                    continue
+                data = await self.stream.receive_some(65536)
+                assert data, f"closed after {out}"
+                self.reads += 1
+                self.replies.feed(data)
+        return out
+
+    async def start_tls(self, ca_file: str) -> None:
+        assert self.replies.buffered == 0
+        tls = OpenSSLStream(self.stream, client_context(ca_file), server_hostname="mx.test")
+        await tls.do_handshake()
+        self.stream = tls
+
+
+def keywords(ehlo: Reply) -> list[bytes]:
+    return [line.split(b" ")[0] for line in ehlo.lines[1:]]
+
+
+async def test_starttls_then_pipelined_group(tls_files: dict[str, str]) -> None:
+    mta = FakeMTA()
+    async with running_tls(mta, tls_files) as (port, _, _m):
+        c = Conversation(await trio.open_tcp_stream("127.0.0.1", port))
+        async with c.stream:
+            await c.replies_n(1)
+            await c.stream.send_all(b"EHLO me.test\r\nSTARTTLS\r\n")
+            ehlo, go = await c.replies_n(2)
+            assert b"STARTTLS" in keywords(ehlo) and go.code == 220
+            await c.start_tls(tls_files["ca"])
+            await c.stream.send_all(b"EHLO me.test\r\n" + ENVELOPE)
+            ehlo2, mail, rcpt, data = await c.replies_n(4)
+            assert b"STARTTLS" not in keywords(ehlo2) and b"PIPECONNECT" in keywords(ehlo2)
+            assert (mail.code, rcpt.code, data.code) == (250, 250, 354)
+            await c.stream.send_all(MESSAGE + b".\r\nQUIT\r\n")
+            assert [r.code for r in await c.replies_n(2)] == [250, 221]
+    assert mta.messages == [MESSAGE]
+    assert not any(b"STARTTLS" in cmd for cmd in mta.commands)
+    assert mta.violations == []
+
+
+async def test_plaintext_after_starttls_is_discarded(tls_files: dict[str, str]) -> None:
+    mta = FakeMTA()
+    async with running_tls(mta, tls_files) as (port, _, _m):
+        c = Conversation(await trio.open_tcp_stream("127.0.0.1", port))
+        async with c.stream:
+            await c.replies_n(1)
+            await c.stream.send_all(b"EHLO me.test\r\n")
+            await c.replies_n(1)
+            # the injection: a command behind STARTTLS in the same cleartext segment
+            await c.stream.send_all(b"STARTTLS\r\nMAIL FROM:<evil@inject.test>\r\n")
+            [go] = await c.replies_n(1)
+            assert go.code == 220
+            await c.start_tls(tls_files["ca"])
+            await c.stream.send_all(b"EHLO me.test\r\nQUIT\r\n")
+            ehlo, bye = await c.replies_n(2)
+            assert (ehlo.code, bye.code) == (250, 221)
+    assert not any(b"evil" in cmd for cmd in mta.commands), mta.commands
+
+
+async def test_early_ehlo_starttls_answered_in_one_write(tls_files: dict[str, str]) -> None:
+    mta = FakeMTA(banner_delay=0.2)
+    async with running_tls(mta, tls_files) as (port, _, metrics):
+        c = Conversation(await trio.open_tcp_stream("127.0.0.1", port))
+        async with c.stream:
+            await c.stream.send_all(b"EHLO me.test\r\nSTARTTLS\r\n")
+            banner, ehlo, go = await c.replies_n(3)
+            assert (banner.code, ehlo.code, go.code) == (220, 250, 220)
+            assert c.reads == 1
+            await c.start_tls(tls_files["ca"])
+            await c.stream.send_all(b"EHLO me.test\r\n" + ENVELOPE)
+            assert [r.code for r in await c.replies_n(4)] == [250, 250, 250, 354]
+            await c.stream.send_all(MESSAGE + b".\r\nQUIT\r\n")
+            assert [r.code for r in await c.replies_n(2)] == [250, 221]
+    assert mta.messages == [MESSAGE] and mta.violations == []
+    assert metrics.used._value.get() == 1
+    # banner + pre-TLS EHLO reply + post-TLS EHLO reply
+    assert metrics.round_trips_saved._value.get() == 3
+
+
+async def test_tls_on_connect_early_pipelining(tls_files: dict[str, str]) -> None:
+    mta = FakeMTA(banner_delay=0.3)
+    async with running_tls(mta, tls_files) as (_, tls_port, _m):
+        c = Conversation(await trio.open_tcp_stream("127.0.0.1", tls_port))
+        async with c.stream:
+            await c.start_tls(tls_files["ca"])
+            await c.stream.send_all(b"EHLO me.test\r\n" + ENVELOPE)
+            replies = await c.replies_n(5)
+            assert [r.code for r in replies] == [220, 250, 250, 250, 354]
+            assert b"STARTTLS" not in keywords(replies[1])
+            await c.stream.send_all(MESSAGE + b".\r\nQUIT\r\n")
+            assert [r.code for r in await c.replies_n(2)] == [250, 221]
+    assert mta.messages == [MESSAGE] and mta.violations == []
+
+
+async def test_garbage_handshake_does_not_hurt_others(tls_files: dict[str, str]) -> None:
+    mta = FakeMTA()
+    async with running_tls(mta, tls_files) as (port, tls_port, metrics):
+        bad = await trio.open_tcp_stream("127.0.0.1", tls_port)
+        async with bad:
+            await bad.send_all(b"EHLO not-tls.test\r\n" * 20)
+            with trio.fail_after(5):
+                while await bad.receive_some(4096):
+                    pass  # the proxy closes it
+            good = Conversation(await trio.open_tcp_stream("127.0.0.1", port))
+            async with good.stream:
+                await good.replies_n(1)
+                await good.stream.send_all(b"QUIT\r\n")
+                assert [r.code for r in await good.replies_n(1)] == [221]
+    assert metrics.sessions.labels("tls_on_connect", "tls-failed")._value.get() == 1
