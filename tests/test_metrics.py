@@ -8,10 +8,12 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.client import EarlyPipeliningClient, dot_stuff
@@ -21,6 +23,7 @@ from proxy.metrics import VERSION, Metrics
 from proxy.server import Bound, serve
 from proxy.session import SessionLog
 from proxy.smtp import ReplyReader
+from proxy.tls import OpenSSLStream, client_context
 
 from .fakemta import FakeMTA
 
@@ -132,7 +135,7 @@ async def wait_for_sessions(endpoint: tuple[str, int], n: int) -> Samples:
             await trio.sleep(0.02)
 
 
-async def read_reply(stream: trio.SocketStream, reader: ReplyReader) -> Any:
+async def read_reply(stream: trio.abc.Stream, reader: ReplyReader) -> Any:
     with trio.fail_after(5):
         while (reply := reader.next_reply()) is None:
             data = await stream.receive_some(65536)
@@ -507,3 +510,77 @@ async def test_metrics_port_taken_logs_and_keeps_relaying(caplog: pytest.LogCapt
                 await EarlyPipeliningClient().send(bound[0], "a@src.test", ["b@dest.test"], BODY)
     assert f"cannot listen on 127.0.0.1:{port}" in caplog.text
     assert len(mta.messages) == 1
+
+
+# ------------------------------------------------------------------ TLS
+
+
+async def test_tls_sessions_scraped(tmp_path: Path) -> None:
+    """A TLS-on-connect session, a STARTTLS session and a client that is not speaking TLS
+    on the TLS port: handshakes by version, failures by reason, sessions by listener."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("mx.test", "127.0.0.1")
+    cert_path, key_path, ca_path = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
+    cert.private_key_pem.write_to_path(str(key_path))
+    ca.cert_pem.write_to_path(str(ca_path))
+    tls = {"certificate": str(cert_path), "key": str(key_path)}
+    listen = {"tls_on_connect": ["127.0.0.1:0"]}
+    async with running_proxy(FakeMTA(), tls=tls, listen=listen) as (bound, _):
+        assert bound.metrics is not None
+        implicit = bound.tls_on_connect[0]
+
+        async def tls_stream(stream: trio.SocketStream) -> OpenSSLStream:
+            s = OpenSSLStream(stream, client_context(str(ca_path)), server_hostname="mx.test")
+            await s.do_handshake()
+            return s
+
+        # TLS on connect: handshake, banner, EHLO, QUIT
+        s = await tls_stream(await trio.open_tcp_stream(*implicit))
+        async with s:
+            reader = ReplyReader()
+            assert (await read_reply(s, reader)).code == 220
+            await s.send_all(b"EHLO tls.test\r\n")
+            assert (await read_reply(s, reader)).code == 250
+            await s.send_all(b"QUIT\r\n")
+            assert (await read_reply(s, reader)).code == 221
+        # STARTTLS on the plain listener
+        plain = await trio.open_tcp_stream(*bound[0])
+        reader = ReplyReader()
+        assert (await read_reply(plain, reader)).code == 220
+        await plain.send_all(b"EHLO tls.test\r\n")
+        assert (await read_reply(plain, reader)).code == 250
+        await plain.send_all(b"STARTTLS\r\n")
+        assert (await read_reply(plain, reader)).code == 220
+        s = await tls_stream(plain)
+        async with s:
+            reader = ReplyReader()
+            await s.send_all(b"EHLO tls.test\r\nQUIT\r\n")
+            assert (await read_reply(s, reader)).code == 250
+            assert (await read_reply(s, reader)).code == 221
+        # cleartext SMTP on the TLS port: the handshake fails
+        raw = await trio.open_tcp_stream(*implicit)
+        async with raw:
+            await raw.send_all(b"EHLO not-tls.test\r\n" * 10)
+            with trio.fail_after(5):
+                try:
+                    while await raw.receive_some(4096):
+                        pass
+                except trio.BrokenResourceError:
+                    pass
+        s = await wait_for_sessions(bound.metrics, 3)
+    version = {"TLSv1.3", "TLSv1.2"}
+    handshakes = {
+        dict(labels)["version"]: v
+        for (name, labels), v in s.items()
+        if name == "pipeconnect_tls_handshakes_total"
+    }
+    assert set(handshakes) <= version and sum(handshakes.values()) == 2, handshakes
+    assert value(s, "pipeconnect_tls_handshake_failures_total", reason="handshake-error") == 1
+    assert value(s, "pipeconnect_tls_handshake_failures_total", reason="timeout") == 0
+    assert value(s, "pipeconnect_sessions_total", listener="tls_on_connect", outcome="quit") == 1
+    assert (
+        value(s, "pipeconnect_sessions_total", listener="tls_on_connect", outcome="tls-failed") == 1
+    )
+    assert value(s, "pipeconnect_sessions_total", listener="plain", outcome="quit") == 1
+    assert value(s, "pipeconnect_active_sessions", listener="tls_on_connect") == 0
