@@ -350,3 +350,13 @@ async def test_forward_never_passes_proxy_only_commands() -> None:
         await trio.sleep(0.4)
     assert bytes(mta.received) == b"" and mta.early_input == []
     assert metrics.early_refused.labels("defer")._value.get() == 1
+
+
+async def test_proxy_v1_identity() -> None:
+    mta = FakeMTA(banner_delay=0.1)
+    async with running(mta, upstream={"client_identity": "proxy-v1"}) as (port, _):
+        c = await connect(port)
+        await c.stream.send_all(b"EHLO me.test\r\nQUIT\r\n")
+        assert [r.code for r in await c.replies_n(3)] == [220, 250, 221]
+    assert mta.proxy_sources and mta.proxy_sources[0][0] == "127.0.0.1"
+    assert mta.violations == []

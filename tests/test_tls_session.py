@@ -173,3 +173,14 @@ async def test_garbage_handshake_does_not_hurt_others(tls_files: dict[str, str])
                 await good.stream.send_all(b"QUIT\r\n")
                 assert [r.code for r in await good.replies_n(1)] == [221]
     assert metrics.sessions.labels("tls_on_connect", "tls-failed")._value.get() == 1
+
+
+async def test_stalled_handshake_times_out(tls_files: dict[str, str]) -> None:
+    mta = FakeMTA()
+    async with running_tls(mta, tls_files, timeouts={"command": 0.3}) as (_, tls_port, metrics):
+        stalled = await trio.open_tcp_stream("127.0.0.1", tls_port)
+        async with stalled:
+            with trio.fail_after(5):
+                assert await stalled.receive_some(4096) == b""  # closed by the proxy
+        await trio.sleep(0.1)
+    assert metrics.sessions.labels("tls_on_connect", "tls-timeout")._value.get() == 1
