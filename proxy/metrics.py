@@ -254,9 +254,8 @@ class Metrics:
         self.duration.labels(log.listener).observe(log.elapsed)
         if log.rcpts:
             self.recipients.inc(log.rcpts)
-        tls = getattr(log, "tls", "")
-        if tls:
-            self.tls_handshakes.labels(tls).inc()
+        if log.tls:
+            self.tls_handshakes.labels(log.tls).inc()
         reason = _TLS_FAILURES.get(log.outcome)
         if reason is not None:
             self.tls_failures.labels(reason).inc()
@@ -264,8 +263,7 @@ class Metrics:
             self.used.inc()
             self.replayed.inc(log.replayed)
             self.round_trips_saved.inc(log.round_trips_saved)
-            if log.client_rtt is not None and log.round_trips_saved > 0:
-                self.time_saved.inc(log.client_rtt * log.round_trips_saved)
+            self.time_saved.inc(log.time_saved)
 
     def record_reload(self, ok: bool) -> None:
         """One configuration reload attempt (for the reload code in ``server``)."""

@@ -86,6 +86,13 @@ class SessionLog:
     detail: str = ""
 
     @property
+    def time_saved(self) -> float:
+        """Seconds early pipelining saved this client: its smoothed RTT per skipped wait."""
+        if self.client_rtt is None:
+            return 0.0
+        return self.client_rtt * self.round_trips_saved
+
+    @property
     def elapsed(self) -> float:
         return time.monotonic() - self.start
 
@@ -111,6 +118,8 @@ class SessionLog:
                     "early_used": self.early_used,
                     "replayed": self.replayed,
                     "round_trips_saved": self.round_trips_saved,
+                    "client_rtt": self.client_rtt,
+                    "time_saved": round(self.time_saved, 6),
                     "commands": self.commands,
                     "messages": self.messages,
                     "rcpts": self.rcpts,
@@ -131,6 +140,7 @@ class SessionLog:
             f"S={self.bytes_in}",
             f"E={self.early_bytes}" if self.early_bytes else "",
             f"RT={self.round_trips_saved}" if self.round_trips_saved else "",
+            f"TS={self.time_saved * 1000:.3f}ms" if self.round_trips_saved else "",
             f"DT={duration:.3f}s",
             f"outcome={self.outcome}",
             f'detail="{self.detail}"' if self.detail else "",
