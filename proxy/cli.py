@@ -37,7 +37,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             config, log=dataclasses.replace(config.log, format=args.log_format)
         )
     _setup_logging(args.log_level)
-    trio.run(run_until_signal, config, Metrics())
+    trio.run(run_until_signal, config, Metrics(), args.config)
     return 0
 
 

@@ -11,12 +11,12 @@ from contextlib import contextmanager
 
 import trio
 
-from .config import Address, Config
+from .config import Address, Config, ConfigError, load_config
 from .httpd import Health, serve_http
 from .metrics import Metrics
 from .session import Session, _client_ip
 from .smtp import Reply
-from .tls import server_context
+from .tls import TLSConfigError, server_context
 from .upstream import Endpoint
 
 log = logging.getLogger("pipeconnect.server")
@@ -79,20 +79,54 @@ class Bound(list[Endpoint]):
         self.tls_on_connect: list[Endpoint] = []  # not in the list: plain listeners only
 
 
+class Snapshot:
+    """The settings new sessions start with. A reload builds a new one completely (TLS
+    context included: pyOpenSSL 26.2+ refuses changes to a context in use) and swaps the
+    reference; a session keeps the snapshot it started with."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.tls_context = (
+            server_context(config.tls.certificate, config.tls.key)
+            if config.tls.certificate
+            else None
+        )
+
+
+class Runtime:
+    def __init__(self, config: Config) -> None:
+        self.current = Snapshot(config)
+
+    async def reload(self, path: str, metrics: Metrics) -> bool:
+        """Load ``path`` off the event loop; keep the old settings if it is bad."""
+        try:
+            new = await trio.to_thread.run_sync(lambda: Snapshot(load_config(path)))
+        except (ConfigError, TLSConfigError) as exc:
+            log.error("reload of %s refused, previous configuration kept: %s", path, exc)
+            metrics.record_reload(False)
+            return False
+        old = self.current.config
+        if new.config.listen != old.listen or new.config.metrics != old.metrics:
+            log.warning("reload: listener and metrics addresses change only on a restart")
+        self.current = new
+        metrics.record_reload(True)
+        log.info("reloaded %s; new sessions use it", path)
+        return True
+
+
 async def serve(
     config: Config,
     metrics: Metrics,
     *,
+    runtime: Runtime | None = None,
     task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the listeners until cancelled. ``task_status`` receives the bound addresses
-    (a ``Bound``: the SMTP endpoints, and the metrics endpoint as ``.metrics``)."""
+    (a ``Bound``: the SMTP endpoints, and the metrics endpoint as ``.metrics``).
+    ``runtime`` lets a caller swap the settings for new sessions (SIGHUP)."""
+    rt = runtime if runtime is not None else Runtime(config)
+    config = rt.current.config
     limits = Limits(config.limits.max_sessions, config.limits.max_sessions_per_client)
-    # Built completely before first use, once per configuration (pyOpenSSL 26.2+ refuses
-    # changes to a context in use).
-    tls_context = (
-        server_context(config.tls.certificate, config.tls.key) if config.tls.certificate else None
-    )
 
     async def open_listeners(addresses: tuple[Address, ...]) -> list[trio.SocketListener]:
         out: list[trio.SocketListener] = []
@@ -116,6 +150,9 @@ async def serve(
         except OSError:  # reset before we looked
             await trio.aclose_forcefully(stream)
             return
+        snapshot = rt.current
+        limits.total = snapshot.config.limits.max_sessions
+        limits.per_client = snapshot.config.limits.max_sessions_per_client
         with limits.admit(str(_client_ip(client[0]))) as refusal:
             if refusal is not None:
                 metrics.sessions.labels(listener, "too-many").inc()
@@ -126,9 +163,9 @@ async def serve(
                 client=client,
                 local=local,
                 listener=listener,
-                config=config,
+                config=snapshot.config,
                 metrics=metrics,
-                tls_context=tls_context,
+                tls_context=snapshot.tls_context,
                 implicit_tls=listener == "tls_on_connect",
             )
             await session.run()
@@ -154,12 +191,19 @@ async def serve(
         task_status.started(result)
 
 
-async def run_until_signal(config: Config, metrics: Metrics) -> None:
-    """``serve`` in the foreground until SIGTERM or SIGINT."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+async def run_until_signal(config: Config, metrics: Metrics, path: str | None = None) -> None:
+    """``serve`` in the foreground until SIGTERM or SIGINT; SIGHUP reloads ``path``."""
+    runtime = Runtime(config)
+    metrics.record_reload(True)  # the initial load
+    wanted = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    with trio.open_signal_receiver(*wanted) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve, config, metrics)
+            await nursery.start(functools.partial(serve, config, metrics, runtime=runtime))
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    if path is not None:
+                        await runtime.reload(path, metrics)
+                    continue
                 log.info("%s: stopping", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 break

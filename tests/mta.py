@@ -652,6 +652,8 @@ class EximClient:
         return _tail_since(self.logdir / "paniclog", 0)
 
     def _exim(self, args: list[str], stdin: bytes | None, timeout: float) -> str:
+        # Another pytest run starting meanwhile resets pytest-of-root to 0700.
+        _make_traversable(self.dir)
         before = _size(self.mainlog_path)
         with subprocess.Popen(
             [EXIM, "-C", str(self.conf), *args],
