@@ -176,13 +176,20 @@ class _Mode(Enum):
     BDAT = auto()
 
 
-_BDAT_ARGS = re.compile(r"([0-9]{1,18})(?: +(LAST))? *", re.IGNORECASE)
+# re.ASCII: with Unicode case folding "LA\u017fT" (long s) would match LAST, which no MTA
+# agrees with.
+_BDAT_ARGS = re.compile(r"([0-9]{1,18})(?: +(LAST))? *", re.IGNORECASE | re.ASCII)
 
 
 def parse_command(raw: bytes) -> Command:
-    line = raw[:-2].decode("utf-8", "surrogateescape")
-    verb, _, args = line.partition(" ")
-    return Command(verb.upper(), args, raw)
+    verb, _, args = raw[:-2].partition(b" ")
+    # bytes.upper() folds ASCII only, as MTAs do: str.upper() would turn "ma\u0131l"
+    # (dotless i) into MAIL, a verb the MTA does not see.
+    return Command(
+        verb.upper().decode("utf-8", "surrogateescape"),
+        args.decode("utf-8", "surrogateescape"),
+        raw,
+    )
 
 
 def _check_line(line: bytes) -> None:
@@ -255,7 +262,8 @@ class CommandReader:
         else:
             event = self._next_line()
         if event is NEED_DATA and self._eof:
-            return Closed(partial=len(self._buf) > 0 or self._mode is not _Mode.COMMAND)
+            partial = len(self._buf) > 0 or self._discarding or self._mode is not _Mode.COMMAND
+            return Closed(partial=partial)
         return event
 
     def _next_line(self) -> Command | RawLine | NeedData:
