@@ -38,7 +38,7 @@ from .smtp import (
     rewrite_ehlo,
 )
 from .tls import OpenSSLStream
-from .upstream import Endpoint, Upstream, UpstreamError, connect, xclient
+from .upstream import Endpoint, Upstream, UpstreamError, connect, tls_tlv, xclient
 
 log = logging.getLogger("pipeconnect.session")
 
@@ -285,6 +285,14 @@ class Session:
 
         async def open_upstream(scope: trio.CancelScope) -> None:
             up = self.cfg.upstream
+            tlvs: list[tuple[int, bytes]] = []
+            if self.implicit_tls:
+                # TLS-on-connect: the header can say so (PROXY v2 SSL TLV). The MTA waits
+                # for the header anyway, and we need the banner only after the handshake.
+                await handshake_done.wait()
+                stream = self.client_stream
+                if isinstance(stream, OpenSSLStream) and stream.negotiated_version:
+                    tlvs.append(tls_tlv(stream.negotiated_version, stream.cipher))
             t0 = time.monotonic()
             self.up = await connect(
                 up.address,
@@ -293,6 +301,7 @@ class Session:
                 local=self.local,
                 connect_timeout=up.connect_timeout,
                 max_reply_line=self.cfg.limits.max_reply_line,
+                tlvs=tlvs,
             )
             t1 = time.monotonic()
             self.metrics.upstream_connect.observe(t1 - t0)

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import struct
+from collections.abc import Sequence
 
 import trio
 
-from .proxyproto import encode_v1, encode_v2, xclient_command
+from .proxyproto import (
+    PP2_SUBTYPE_SSL_CIPHER,
+    PP2_SUBTYPE_SSL_VERSION,
+    PP2_TYPE_SSL,
+    encode_v1,
+    encode_v2,
+    xclient_command,
+)
 from .smtp import ProtocolError, Reply, ReplyReader
 
 Endpoint = tuple[str, int]
@@ -22,10 +31,22 @@ class UpstreamError(Exception):
         self.reply = Reply.make(421, f"4.4.2 Upstream MTA unavailable ({detail}), try again later")
 
 
-def identity_header(method: str, client: Endpoint, local: Endpoint) -> bytes:
+def tls_tlv(version: str, cipher: str | None) -> tuple[int, bytes]:
+    """PP2_TYPE_SSL: the client connected over TLS (no client certificate asked for)."""
+    sub = [(PP2_SUBTYPE_SSL_VERSION, version.encode())]
+    if cipher:
+        sub.append((PP2_SUBTYPE_SSL_CIPHER, cipher.encode()))
+    body = b"".join(struct.pack("!BH", t, len(v)) + v for t, v in sub)
+    # client: PP2_CLIENT_SSL; verify: 0 (nothing to verify, no client certificate)
+    return PP2_TYPE_SSL, struct.pack("!BI", 0x01, 0) + body
+
+
+def identity_header(
+    method: str, client: Endpoint, local: Endpoint, tlvs: Sequence[tuple[int, bytes]] = ()
+) -> bytes:
     """Bytes sent before anything else, so the MTA judges the real client address."""
     if method == "proxy-v2":
-        return encode_v2(client, local)
+        return encode_v2(client, local, tlvs)
     if method == "proxy-v1":
         return encode_v1(client, local)
     return b""
@@ -111,6 +132,7 @@ async def connect(
     local: Endpoint,
     connect_timeout: float,
     max_reply_line: int,
+    tlvs: Sequence[tuple[int, bytes]] = (),
 ) -> Upstream:
     """Open the MTA connection and write the PROXY header, alone in its own segment:
     Postfix peeks at the header and counts anything behind it as talking too early."""
@@ -122,9 +144,14 @@ async def connect(
     if scope.cancelled_caught:
         raise UpstreamError("upstream-down", f"connect timed out after {connect_timeout:g}s")
     up = Upstream(stream, max_reply_line)
-    header = identity_header(identity, client, local)
+    header = identity_header(identity, client, local, tlvs)
     if header:
-        await up.send(header)
+        try:
+            await up.send(header)
+        except BaseException:
+            # Cancelled by a refusal in the early phase: nobody else holds the socket.
+            await up.aclose()
+            raise
     return up
 
 

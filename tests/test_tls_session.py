@@ -156,6 +156,10 @@ async def test_tls_on_connect_early_pipelining(tls_files: dict[str, str]) -> Non
             await c.stream.send_all(MESSAGE + b".\r\nQUIT\r\n")
             assert [r.code for r in await c.replies_n(2)] == [250, 221]
     assert mta.messages == [MESSAGE] and mta.violations == []
+    # the PROXY v2 header said the client used TLS (PP2_TYPE_SSL, version sub-TLV)
+    [(ssl_tlv,)] = [t for t in mta.proxy_tlvs if t]
+    assert ssl_tlv[0] == 0x20 and ssl_tlv[1][0] == 0x01
+    assert b"\x21\x00\x07TLSv1.3" in ssl_tlv[1]
 
 
 async def test_garbage_handshake_does_not_hurt_others(tls_files: dict[str, str]) -> None:
