@@ -79,6 +79,10 @@ _ALL_HOSTS = HostList((HostEntry(None),))  # ["*"]
 class ListenConfig:
     plain: tuple[Address, ...] = ()
     tls_on_connect: tuple[Address, ...] = ()
+    # TCP Fast Open: a client's first commands (or TLS ClientHello) may ride in the SYN.
+    # Linux needs the server bit of net.ipv4.tcp_fastopen (value 3) in the network namespace.
+    tcp_fastopen: bool = True
+    tcp_fastopen_queue: int = 256  # pending SYN-data connections (the kernel's TFO qlen)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +138,13 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ServerConfig:
+    # SIGTERM: stop accepting, let open sessions finish for this long, then 421 the rest.
+    # Below Kubernetes' default 30 s terminationGracePeriodSeconds.
+    shutdown_grace: float = 20.0
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     format: LogFormat = "text"
 
@@ -148,6 +159,7 @@ class Config:
     tls: TLSConfig = TLSConfig()
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
+    server: ServerConfig = ServerConfig()
 
     @classmethod
     def default(cls) -> Config:
@@ -304,6 +316,12 @@ def _integer(minimum: int) -> Callable[[Any, str], int]:
     return parse
 
 
+def _boolean(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"must be true or false, not {_tname(value)}")
+    return value
+
+
 def _seconds(value: Any, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(key, f"must be a number of seconds, not {_tname(value)}")
@@ -397,7 +415,16 @@ def _keywords(value: Any, key: str) -> tuple[str, ...]:
 
 
 _SECTIONS: dict[str, tuple[type[Any], dict[str, _Parser], tuple[str, ...]]] = {
-    "listen": (ListenConfig, {"plain": _listeners, "tls_on_connect": _listeners}, ()),
+    "listen": (
+        ListenConfig,
+        {
+            "plain": _listeners,
+            "tls_on_connect": _listeners,
+            "tcp_fastopen": _boolean,
+            "tcp_fastopen_queue": _integer(1),
+        },
+        (),
+    ),
     "upstream": (
         UpstreamConfig,
         {
@@ -436,4 +463,5 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, _Parser], tuple[str, ...]]] = {
     "tls": (TLSConfig, {"certificate": _string, "key": _string}, ()),
     "metrics": (MetricsConfig, {"listen": _metrics_listen}, ()),
     "log": (LogConfig, {"format": _choice(LOG_FORMATS)}, ()),
+    "server": (ServerConfig, {"shutdown_grace": _seconds}, ()),
 }

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import signal
+import socket
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import trio
 
@@ -63,6 +66,43 @@ async def _reject(stream: trio.SocketStream, reply: Reply) -> None:
     await trio.aclose_forcefully(stream)
 
 
+_TFO_SYSCTL = Path("/proc/sys/net/ipv4/tcp_fastopen")
+_tfo_warned: set[str] = set()  # one warning per kind and process, not per listener
+
+
+def _tfo_warn(kind: str, message: str, *args: object) -> None:
+    if kind not in _tfo_warned:
+        _tfo_warned.add(kind)
+        log.warning(message, *args)
+
+
+def enable_fast_open(listeners: list[trio.SocketListener], queue: int) -> bool:
+    """Let clients put their first bytes in the SYN (TCP Fast Open); they then reach the
+    session as early input. Linux accepts the option after listen(). A kernel that refuses
+    it only loses the saving: warn once and go on. Returns whether the option was set."""
+    option = getattr(socket, "TCP_FASTOPEN", None)
+    if option is None:
+        _tfo_warn("platform", "TCP Fast Open is not available on this platform")
+        return False
+    for listener in listeners:
+        try:
+            listener.socket.setsockopt(socket.IPPROTO_TCP, option, queue)
+        except OSError as exc:
+            _tfo_warn("refused", "TCP Fast Open refused by the kernel (%s); going on without", exc)
+            return False
+    with contextlib.suppress(OSError, ValueError):
+        # Bit 2 enables the server side; 0x400 enables it for every listener anyway.
+        mode = int(_TFO_SYSCTL.read_text())
+        if listeners and not mode & 0x402:
+            _tfo_warn(
+                "sysctl",
+                "net.ipv4.tcp_fastopen = %d has no server bit: SYN data is ignored until it "
+                "is 3 (set per network namespace: the container or pod sets it)",
+                mode,
+            )
+    return True
+
+
 def _endpoint(sockaddr: tuple[str, int] | tuple[str, int, int, int]) -> Endpoint:
     return (sockaddr[0], sockaddr[1])
 
@@ -96,6 +136,7 @@ class Snapshot:
 class Runtime:
     def __init__(self, config: Config) -> None:
         self.current = Snapshot(config)
+        self.stopping = trio.Event()  # set: stop accepting and drain (``serve`` returns)
 
     async def reload(self, path: str, metrics: Metrics) -> bool:
         """Load ``path`` off the event loop; keep the old settings if it is bad."""
@@ -121,9 +162,11 @@ async def serve(
     runtime: Runtime | None = None,
     task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the listeners until cancelled. ``task_status`` receives the bound addresses
-    (a ``Bound``: the SMTP endpoints, and the metrics endpoint as ``.metrics``).
-    ``runtime`` lets a caller swap the settings for new sessions (SIGHUP)."""
+    """Run the listeners until cancelled, or until ``runtime.stopping`` is set: then stop
+    accepting, give open sessions ``server.shutdown_grace`` seconds, end the rest with 421
+    and return. ``task_status`` receives the bound addresses (a ``Bound``: the SMTP
+    endpoints, and the metrics endpoint as ``.metrics``). ``runtime`` lets a caller swap the
+    settings for new sessions (SIGHUP)."""
     rt = runtime if runtime is not None else Runtime(config)
     config = rt.current.config
     limits = Limits(config.limits.max_sessions, config.limits.max_sessions_per_client)
@@ -132,6 +175,8 @@ async def serve(
         out: list[trio.SocketListener] = []
         for address in addresses:
             out += await trio.open_tcp_listeners(address.port, host=address.host)
+        if config.listen.tcp_fastopen:
+            enable_fast_open(out, config.listen.tcp_fastopen_queue)
         return out
 
     plain = await open_listeners(config.listen.plain)
@@ -142,6 +187,9 @@ async def serve(
             "upstream.client_identity = none: the MTA sees every client as this proxy's "
             "address; its access policy, rate limits and logs lose the real client"
         )
+
+    sessions: set[Session] = set()
+    drained = trio.Event()  # set when the last session ends while stopping
 
     async def handle(stream: trio.SocketStream, listener: str) -> None:
         try:
@@ -168,17 +216,39 @@ async def serve(
                 tls_context=snapshot.tls_context,
                 implicit_tls=listener == "tls_on_connect",
             )
-            await session.run()
+            sessions.add(session)
+            try:
+                await session.run()
+            finally:
+                sessions.discard(session)
+                if not sessions and rt.stopping.is_set():
+                    drained.set()
+
+    async def accept(
+        handler: Callable[[trio.SocketStream], Awaitable[None]],
+        listeners: list[trio.SocketListener],
+        scope: trio.CancelScope,
+        handler_nursery: trio.Nursery,
+        *,
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        # Sessions live in the outer nursery so that stopping the accept loop leaves them be.
+        with scope:
+            await trio.serve_listeners(
+                handler, listeners, handler_nursery=handler_nursery, task_status=task_status
+            )
 
     health = Health(metrics, config.upstream.address)
     result = Bound(bound, health)
     result.tls_on_connect = [_endpoint(lst.socket.getsockname()) for lst in implicit]
+    accepting: list[trio.CancelScope] = []
     async with trio.open_nursery() as nursery:
         for name, listeners in (("plain", plain), ("tls_on_connect", implicit)):
             if listeners:
                 metrics.active.labels(name)  # exported as 0 from the start
                 handler = functools.partial(handle, listener=name)
-                await nursery.start(trio.serve_listeners, handler, listeners)
+                accepting.append(trio.CancelScope())
+                await nursery.start(accept, handler, listeners, accepting[-1], nursery)
         if config.metrics.listen is not None:
             result.metrics = await nursery.start(serve_http, config.metrics.listen, metrics, health)
         health.listening = True
@@ -190,20 +260,47 @@ async def serve(
         )
         task_status.started(result)
 
+        await rt.stopping.wait()
+        for scope in accepting:
+            scope.cancel()
+        for lst in plain + implicit:
+            await lst.aclose()
+        health.listening = False  # /healthz says 503: take this instance out of rotation
+        grace = rt.current.config.server.shutdown_grace
+        log.info("stopped accepting; %d sessions open, waiting up to %gs", len(sessions), grace)
+        if sessions:
+            with trio.move_on_after(grace):
+                await drained.wait()
+        if sessions:
+            log.warning("grace over: ending %d sessions with 421", len(sessions))
+            for session in list(sessions):
+                session.shutdown()
+            with trio.move_on_after(rt.current.config.timeouts.early_drain + 1):
+                await drained.wait()
+        nursery.cancel_scope.cancel()
+
 
 async def run_until_signal(config: Config, metrics: Metrics, path: str | None = None) -> None:
     """``serve`` in the foreground until SIGTERM or SIGINT; SIGHUP reloads ``path``."""
     runtime = Runtime(config)
     metrics.record_reload(True)  # the initial load
     wanted = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+    async def watch(signals: AsyncIterator[int], everything: trio.CancelScope) -> None:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if signum == signal.SIGHUP:
+                if path is not None:
+                    await runtime.reload(path, metrics)
+            elif not runtime.stopping.is_set():
+                log.info("%s: stopping", name)
+                runtime.stopping.set()
+            else:
+                log.warning("%s again: stopping now", name)
+                everything.cancel()
+
     with trio.open_signal_receiver(*wanted) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(functools.partial(serve, config, metrics, runtime=runtime))
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    if path is not None:
-                        await runtime.reload(path, metrics)
-                    continue
-                log.info("%s: stopping", signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
-                break
+            nursery.start_soon(watch, signals, nursery.cancel_scope)
+            await serve(config, metrics, runtime=runtime)
+            nursery.cancel_scope.cancel()

@@ -47,6 +47,7 @@ REFUSE_REPLIES = {
     "defer": Reply.make(421, f"4.5.0 {SYNC_ERROR}: input before the greeting, try again later"),
     "reject": Reply.make(554, SYNC_ERROR),
 }
+SHUTTING_DOWN = Reply.make(421, "4.3.2 Service shutting down, closing transmission channel")
 # Only the proxy speaks for the client to the MTA.
 FORBIDDEN = {"XCLIENT", "XFORWARD"}
 _PROXY_ONLY_LINE = re.compile(rb"(?im)^(?:XCLIENT|XFORWARD|STARTTLS|PROXY)\b")
@@ -191,13 +192,15 @@ class Session:
         self.allowed = pc.advertise_hosts.matches(self.client[0])
         self.keywords: tuple[str, ...] = tuple(pc.keywords) if self.allowed else ()
         lim = config.limits
-        self.reader = CommandReader(lim.max_command_line, lim.max_text_line)
+        self.reader = CommandReader(lim.max_command_line, lim.max_text_line, lim.bare_newline)
         self.out = bytearray()
         self.up: Upstream | None = None
         self.up_pipelining = False
         self.up_chunking = False
         self.client_eof = False
         self._replaying = False  # commands held before the banner are being replayed
+        self._stop = trio.CancelScope()  # cancelled by shutdown() when the drain grace ends
+        self._client_send_cut = False  # a cancelled send left a partial reply on the wire
         self.log = SessionLog(listener, self.client, str(config.upstream.address))
 
     # ------------------------------------------------------------ entry point
@@ -212,28 +215,41 @@ class Session:
             self.metrics.record_session(self.log)
             log.info(self.log.render(self.cfg.log.format))
 
+    def shutdown(self) -> None:
+        """End the session now with a 421 (the proxy is stopping and the grace is over)."""
+        self._stop.cancel()
+
     async def _run(self) -> None:
         try:
-            try:
-                early = await self._early_phase()
-                if early is not None:
-                    await self._refuse(early)
-                    return
-                await self._relay()
-            except UpstreamError as exc:
-                self.log.outcome = exc.outcome
-                self.log.detail = str(exc)
-                await self._close_client(exc.reply)
-            except _ClientGone:
-                self.log.outcome = "client-gone"
-            except _End as end:
-                self.log.outcome = end.outcome
+            with self._stop:
+                await self._run_phases()
+            if self._stop.cancelled_caught:
+                self.log.outcome = "shutdown"
+                if not self._client_send_cut:  # else the next byte would corrupt a reply
+                    with trio.move_on_after(self.cfg.timeouts.early_drain):
+                        await self._close_client(SHUTTING_DOWN)
         finally:
             self.log.client_rtt = tcp_rtt(self.socket)
             with trio.CancelScope(shield=True):
                 if self.up is not None:
                     await self.up.aclose()
                 await self.client_stream.aclose()
+
+    async def _run_phases(self) -> None:
+        try:
+            early = await self._early_phase()
+            if early is not None:
+                await self._refuse(early)
+                return
+            await self._relay()
+        except UpstreamError as exc:
+            self.log.outcome = exc.outcome
+            self.log.detail = str(exc)
+            await self._close_client(exc.reply)
+        except _ClientGone:
+            self.log.outcome = "client-gone"
+        except _End as end:
+            self.log.outcome = end.outcome
 
     # ------------------------------------------------------------ phase 1: before the banner
 
@@ -440,6 +456,9 @@ class Session:
             except trio.BrokenResourceError as exc:
                 self.log.detail = f"TLS handshake failed: {exc.__cause__ or exc}"
                 raise _End("tls-failed") from None
+            except trio.Cancelled:
+                self._client_send_cut = True  # no SMTP reply fits inside a handshake
+                raise
         if scope.cancelled_caught:
             self.log.detail = f"TLS handshake timed out after {timeout:g}s"
             raise _End("tls-timeout")
@@ -618,6 +637,9 @@ class Session:
             await self.client_stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise _ClientGone() from exc
+        except trio.Cancelled:
+            self._client_send_cut = True
+            raise
 
     async def _receive(self, max_bytes: int, timeout: float | None) -> bytes:
         try:
