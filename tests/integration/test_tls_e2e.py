@@ -57,7 +57,7 @@ def test_exim_starttls_early_pipelining(
         tls_proxy.port,
         avoid_tls=False,
         extra_transport=f"tls_verify_certificates = {tls_files['ca']}\n"
-        "tls_verify_cert_hostnames = :",
+        "tls_verify_cert_hostnames = :\ntls_resumption_hosts = *",
     )
     bodies = [f"TLS message {n}\n".encode() for n in (1, 2, 3)]
     logs = [exim.send("alice@client.test", "box@dest.test", b) for b in bodies]
@@ -66,6 +66,9 @@ def test_exim_starttls_early_pipelining(
     assert all(d.tls and d.fields["X"].startswith("TLS1.3") for d in lines), logs
     assert not lines[0].early_pipelined
     assert lines[1].early_pipelined and lines[2].early_pipelined, logs
+    # Session tickets: Exim (+tls_resumption) marks a resumed session with "*" after X=.
+    assert not lines[0].fields["X"].endswith("*")
+    assert lines[1].fields["X"].endswith("*") and lines[2].fields["X"].endswith("*"), logs
     messages = postfix.wait_messages(3)
     assert sorted(m.split(b"\n\n", 1)[1] for m in messages) == sorted(bodies)
     sessions = tls_proxy.session_lines()
