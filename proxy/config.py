@@ -52,11 +52,13 @@ ClientIdentity = Literal["proxy-v1", "proxy-v2", "xclient", "none"]
 EarlyInputPolicy = Literal["defer", "reject", "forward", "accept"]
 BareNewline = Literal["reject", "normalize"]
 LogFormat = Literal["text", "json"]
+UpstreamTLS = Literal["none", "starttls"]
 
 CLIENT_IDENTITIES: tuple[ClientIdentity, ...] = ("proxy-v1", "proxy-v2", "xclient", "none")
 EARLY_INPUT_POLICIES: tuple[EarlyInputPolicy, ...] = ("defer", "reject", "forward", "accept")
 BARE_NEWLINE_POLICIES: tuple[BareNewline, ...] = ("reject", "normalize")
 LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
+UPSTREAM_TLS_MODES: tuple[UpstreamTLS, ...] = ("none", "starttls")
 
 
 class Address(NamedTuple):
@@ -90,6 +92,12 @@ class UpstreamConfig:
     address: Address = _UPSTREAM_DEFAULT
     client_identity: ClientIdentity = "proxy-v2"
     connect_timeout: float = 10.0
+    # "starttls": for MTAs that must see TLS themselves (not on a loopback sidecar).
+    tls: UpstreamTLS = "none"
+    tls_verify: bool = True  # the MTA's chain against tls_ca (or the system store)
+    tls_ca: str = ""
+    tls_server_name: str = ""  # SNI and the name checked; default: none for an IP address
+    ehlo_name: str = ""  # the proxy's own EHLO before STARTTLS; default: this host's name
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +150,8 @@ class ServerConfig:
     # SIGTERM: stop accepting, let open sessions finish for this long, then 421 the rest.
     # Below Kubernetes' default 30 s terminationGracePeriodSeconds.
     shutdown_grace: float = 20.0
+    # Processes sharing each listening port (SO_REUSEPORT; proxy.workers). 1: no children.
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -431,6 +441,11 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, _Parser], tuple[str, ...]]] = {
             "address": _upstream_address,
             "client_identity": _choice(CLIENT_IDENTITIES),
             "connect_timeout": _seconds,
+            "tls": _choice(UPSTREAM_TLS_MODES),
+            "tls_verify": _boolean,
+            "tls_ca": _string,
+            "tls_server_name": _string,
+            "ehlo_name": _string,
         },
         ("address",),
     ),
@@ -463,5 +478,9 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, _Parser], tuple[str, ...]]] = {
     "tls": (TLSConfig, {"certificate": _string, "key": _string}, ()),
     "metrics": (MetricsConfig, {"listen": _metrics_listen}, ()),
     "log": (LogConfig, {"format": _choice(LOG_FORMATS)}, ()),
-    "server": (ServerConfig, {"shutdown_grace": _seconds}, ()),
+    "server": (
+        ServerConfig,
+        {"shutdown_grace": _seconds, "workers": _integer(1)},
+        (),
+    ),
 }

@@ -19,12 +19,15 @@ from .httpd import Health, serve_http
 from .metrics import Metrics
 from .session import Session, _client_ip
 from .smtp import Reply
-from .tls import TLSConfigError, server_context
+from .tls import TLSConfigError, client_context, server_context
 from .upstream import Endpoint
 
 log = logging.getLogger("pipeconnect.server")
 
 TOO_MANY = Reply.make(421, "4.7.0 Too many connections, try again later")
+# Listening sockets handed down by ``proxy.workers`` to a worker process (bound by the parent
+# with SO_REUSEPORT, one set per worker), used instead of binding the address again.
+INHERITED: dict[Address, list[socket.socket]] = {}
 TOO_MANY_FROM_YOU = Reply.make(421, "4.7.0 Too many connections from your address, try again later")
 
 
@@ -131,6 +134,12 @@ class Snapshot:
             if config.tls.certificate
             else None
         )
+        up = config.upstream
+        self.upstream_tls_context = (
+            client_context(up.tls_ca or None, verify=up.tls_verify)
+            if up.tls == "starttls"
+            else None
+        )
 
 
 class Runtime:
@@ -174,6 +183,10 @@ async def serve(
     async def open_listeners(addresses: tuple[Address, ...]) -> list[trio.SocketListener]:
         out: list[trio.SocketListener] = []
         for address in addresses:
+            if address in INHERITED:
+                socks = INHERITED.pop(address)
+                out += [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in socks]
+                continue
             out += await trio.open_tcp_listeners(address.port, host=address.host)
         if config.listen.tcp_fastopen:
             enable_fast_open(out, config.listen.tcp_fastopen_queue)
@@ -214,6 +227,7 @@ async def serve(
                 config=snapshot.config,
                 metrics=metrics,
                 tls_context=snapshot.tls_context,
+                upstream_tls_context=snapshot.upstream_tls_context,
                 implicit_tls=listener == "tls_on_connect",
             )
             sessions.add(session)

@@ -13,6 +13,7 @@ import ipaddress
 import json
 import logging
 import re
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -38,11 +39,20 @@ from .smtp import (
     rewrite_ehlo,
 )
 from .tls import OpenSSLStream
-from .upstream import Endpoint, Upstream, UpstreamError, connect, tls_tlv, xclient
+from .upstream import (
+    Endpoint,
+    Upstream,
+    UpstreamError,
+    connect,
+    starttls,
+    tls_tlv,
+    xclient,
+)
 
 log = logging.getLogger("pipeconnect.session")
 
 SYNC_ERROR = "SMTP synchronization error"
+_HOSTNAME = socket.gethostname()  # the proxy's EHLO name towards an MTA it speaks TLS to
 REFUSE_REPLIES = {
     "defer": Reply.make(421, f"4.5.0 {SYNC_ERROR}: input before the greeting, try again later"),
     "reject": Reply.make(554, SYNC_ERROR),
@@ -80,6 +90,7 @@ class SessionLog:
     round_trips_saved: int = 0
     client_rtt: float | None = None  # smoothed RTT from TCP_INFO, seconds
     tls: str = ""  # negotiated TLS version towards the client
+    upstream_tls: str = ""  # towards the MTA (upstream.tls = "starttls")
     commands: int = 0
     messages: int = 0
     rcpts: int = 0
@@ -109,6 +120,7 @@ class SessionLog:
                     "event": "session",
                     "listener": self.listener,
                     "tls": self.tls,
+                    "upstream_tls": self.upstream_tls,
                     "client": f"{self.client[0]}:{self.client[1]}",
                     "helo": self.helo,
                     "upstream": self.upstream,
@@ -134,6 +146,7 @@ class SessionLog:
             f"I={self.listener}",
             f"X={self.tls}" if self.tls else "",
             f"U={self.upstream}",
+            f"UX={self.upstream_tls}" if self.upstream_tls else "",
             self.l_field,
             f"C={self.commands}",
             f"M={self.messages}",
@@ -156,6 +169,15 @@ def _client_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ip
 
 
+def _name_or_none(host: str) -> str | None:
+    """A host name to send as SNI and verify; an IP address is neither."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    return None
+
+
 def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The one real error out of a nursery (the other task was merely cancelled)."""
     errors = group.exceptions
@@ -174,11 +196,13 @@ class Session:
         metrics: Metrics,
         tls_context: SSL.Context | None = None,
         implicit_tls: bool = False,
+        upstream_tls_context: SSL.Context | None = None,
     ) -> None:
         self.raw_stream = stream
         self.socket = stream.socket
         self.client_stream: trio.abc.Stream = stream
         self.tls_context = tls_context
+        self.upstream_tls_context = upstream_tls_context
         self.implicit_tls = implicit_tls
         self.tls_active = False
         self._after_starttls = False
@@ -324,6 +348,15 @@ class Session:
             header_sent.set()
             reply = await self.up.read_reply(self.cfg.timeouts.banner, "banner")
             self.metrics.upstream_banner.observe(time.monotonic() - t1)
+            if reply.code == 220 and self.upstream_tls_context is not None:
+                await starttls(
+                    self.up,
+                    self.upstream_tls_context,
+                    ehlo=up.ehlo_name or _HOSTNAME,
+                    server_name=up.tls_server_name or _name_or_none(up.address.host),
+                    timeout=self.cfg.timeouts.reply,
+                )
+                self.log.upstream_tls = self.up.tls
             if reply.code == 220 and up.client_identity == "xclient":
                 await xclient(self.up, self.client, self.cfg.timeouts.reply)
             banner.append(reply)
@@ -473,6 +506,10 @@ class Session:
         if cmd.verb == "STARTTLS":
             return Reply.make(454, "4.7.0 TLS not available")
         if cmd.verb == "BDAT" and not self.up_chunking:
+            if self.log.early_used:
+                # Sent on a cached EHLO reply with CHUNKING that the MTA has since dropped:
+                # a 4xx makes the client defer and re-learn; a 5xx would bounce the message.
+                return Reply.make(451, "4.3.0 CHUNKING is no longer offered, try again")
             return Reply.make(502, "5.5.1 BDAT not supported")
         return None
 

@@ -8,6 +8,7 @@ import struct
 from collections.abc import Sequence
 
 import trio
+from OpenSSL import SSL
 
 from .proxyproto import (
     PP2_SUBTYPE_SSL_CIPHER,
@@ -17,7 +18,8 @@ from .proxyproto import (
     encode_v2,
     xclient_command,
 )
-from .smtp import ProtocolError, Reply, ReplyReader
+from .smtp import ProtocolError, Reply, ReplyReader, ehlo_keywords
+from .tls import OpenSSLStream
 
 Endpoint = tuple[str, int]
 
@@ -54,7 +56,8 @@ def identity_header(
 
 class Upstream:
     def __init__(self, stream: trio.SocketStream, max_reply_line: int) -> None:
-        self.stream = stream
+        self.stream: trio.abc.Stream = stream
+        self.tls = ""  # negotiated version once upstream STARTTLS is done
         self.replies = ReplyReader(max_line=max_reply_line)
         self.bytes_sent = 0
         # Bytes the client sent early that were already passed on (forward mode): when the
@@ -92,7 +95,7 @@ class Upstream:
             data = b""
             with trio.move_on_after(timeout) as scope:
                 try:
-                    data = await self.stream.receive_some(65536)
+                    data = bytes(await self.stream.receive_some(65536))
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     lost = f"connection lost awaiting {what}"
                     raise UpstreamError("upstream-lost", lost) from exc
@@ -177,3 +180,37 @@ async def xclient(up: Upstream, client: Endpoint, timeout: float) -> None:
     reply = await up.read_reply(timeout, "XCLIENT reply")
     if reply.code != 220:
         raise UpstreamError("upstream-xclient", f"XCLIENT refused: {reply.code} {reply.text}")
+
+
+async def starttls(
+    up: Upstream,
+    context: SSL.Context,
+    *,
+    ehlo: str,
+    server_name: str | None,
+    timeout: float,
+) -> None:
+    """Upgrade the MTA connection before any client command reaches it (``upstream.tls =
+    "starttls"``): EHLO, STARTTLS, handshake. The client's own EHLO is replayed after it, so
+    the MTA sees the client's greeting over TLS, as it would directly."""
+    await up.send(f"EHLO {ehlo}\r\n".encode())
+    reply = await up.read_reply(timeout, "EHLO reply")
+    if reply.code != 250 or "STARTTLS" not in ehlo_keywords(reply):
+        raise UpstreamError("upstream-tls", f"MTA does not offer STARTTLS ({reply.code})")
+    await up.send(b"STARTTLS\r\n")
+    reply = await up.read_reply(timeout, "STARTTLS reply")
+    if reply.code != 220:
+        raise UpstreamError("upstream-tls", f"STARTTLS refused: {reply.code} {reply.text}")
+    if up.replies.buffered:
+        # Bytes behind the 220 would be read as if they came over TLS (CVE-2011-0411 class).
+        raise UpstreamError("upstream-tls", "MTA sent data after its STARTTLS reply")
+    stream = OpenSSLStream(up.stream, context, server_side=False, server_hostname=server_name)
+    with trio.move_on_after(timeout) as scope:
+        try:
+            await stream.do_handshake()
+        except trio.BrokenResourceError as exc:
+            raise UpstreamError("upstream-tls", f"TLS handshake: {exc.__cause__ or exc}") from exc
+    if scope.cancelled_caught:
+        raise UpstreamError("upstream-tls", f"TLS handshake timed out after {timeout:g}s")
+    up.stream = stream
+    up.tls = stream.negotiated_version or "TLS"
