@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -10,11 +12,14 @@ from typing import Any
 import pytest
 import trio
 import trustme
+from OpenSSL import SSL
 
+from proxy.config import load_config
 from proxy.metrics import Metrics
-from proxy.server import serve
+from proxy.server import Runtime, serve
 from proxy.smtp import Reply, ReplyReader
 from proxy.tls import OpenSSLStream, client_context
+from tests.proxyproc import to_toml
 
 from .fakemta import FakeMTA
 from .test_session import ENVELOPE, MESSAGE, make_config
@@ -72,9 +77,10 @@ class Conversation:
                 self.replies.feed(data)
         return out
 
-    async def start_tls(self, ca_file: str) -> None:
+    async def start_tls(self, ca_file: str, *, verify: bool = True) -> None:
         assert self.replies.buffered == 0
-        tls = OpenSSLStream(self.stream, client_context(ca_file), server_hostname="mx.test")
+        ctx = client_context(ca_file, verify=verify)
+        tls = OpenSSLStream(self.stream, ctx, server_hostname="mx.test")
         await tls.do_handshake()
         self.stream = tls
 
@@ -188,3 +194,91 @@ async def test_stalled_handshake_times_out(tls_files: dict[str, str]) -> None:
                 assert await stalled.receive_some(4096) == b""  # closed by the proxy
         await trio.sleep(0.1)
     assert metrics.sessions.labels("tls_on_connect", "tls-timeout")._value.get() == 1
+
+
+async def starttls_session(port: int, ca: str, *, verify: bool) -> Conversation:
+    c = Conversation(await trio.open_tcp_stream("127.0.0.1", port))
+    try:
+        await c.replies_n(1)
+        await c.stream.send_all(b"EHLO me.test\r\nSTARTTLS\r\n")
+        assert [r.code for r in await c.replies_n(2)] == [250, 220]
+        await c.start_tls(ca, verify=verify)
+    except BaseException:
+        await trio.aclose_forcefully(c.stream)
+        raise
+    return c
+
+
+async def test_reload_expired_to_fresh_certificate_keeps_open_session(
+    ca: trustme.CA, tmp_path: Path
+) -> None:
+    """The certificate expired; the operator installs a fresh one and sends SIGHUP. New
+    sessions get it, and a session that started with the old one finishes its message."""
+    files = {"certificate": str(tmp_path / "cert.pem"), "key": str(tmp_path / "key.pem")}
+    ca_file = str(tmp_path / "ca.pem")
+    ca.cert_pem.write_to_path(ca_file)
+
+    def install(not_after: datetime.datetime) -> None:
+        cert = ca.issue_cert(
+            "mx.test", not_before=not_after - datetime.timedelta(days=90), not_after=not_after
+        )
+        cert.private_key_and_cert_chain_pem.write_to_path(files["certificate"])
+        cert.private_key_pem.write_to_path(files["key"])
+
+    now = datetime.datetime.now(datetime.UTC)
+    install(now - datetime.timedelta(days=1))
+    mta = FakeMTA()
+    path = tmp_path / "proxy.toml"
+    async with trio.open_nursery() as nursery:
+        mta_port = await nursery.start(mta.serve)
+        sections = {
+            "listen": {"plain": ["127.0.0.1:0"]},
+            "upstream": {"address": f"127.0.0.1:{mta_port}"},
+            "tls": files,
+            "metrics": {"listen": ""},
+        }
+        path.write_text(to_toml(sections))
+        runtime = Runtime(load_config(path))
+        metrics = Metrics()
+        start = functools.partial(serve, runtime.current.config, metrics, runtime=runtime)
+        port = (await nursery.start(start))[0][1]
+
+        with pytest.raises(trio.BrokenResourceError):  # a verifying client refuses it
+            await starttls_session(port, ca_file, verify=True)
+        old = await starttls_session(port, ca_file, verify=False)  # one that does not care
+
+        install(now + datetime.timedelta(days=90))
+        assert await runtime.reload(str(path), metrics)
+
+        new = await starttls_session(port, ca_file, verify=True)  # fresh certificate
+        for c in (old, new):
+            await c.stream.send_all(b"EHLO me.test\r\n" + ENVELOPE)
+            assert [r.code for r in await c.replies_n(4)] == [250, 250, 250, 354]
+            await c.stream.send_all(MESSAGE + b".\r\nQUIT\r\n")
+            assert [r.code for r in await c.replies_n(2)] == [250, 221]
+            await c.stream.aclose()
+        nursery.cancel_scope.cancel()
+    assert mta.messages == [MESSAGE, MESSAGE]
+
+
+async def test_client_vanishing_mid_handshake_is_counted(tls_files: dict[str, str]) -> None:
+    hello = SSL.Connection(client_context(tls_files["ca"]), None)
+    hello.set_connect_state()
+    with pytest.raises(SSL.WantReadError):
+        hello.do_handshake()
+    client_hello = hello.bio_read(65536)
+    mta = FakeMTA()
+    async with running_tls(mta, tls_files) as (port, tls_port, metrics):
+        gone = await trio.open_tcp_stream("127.0.0.1", tls_port)
+        await gone.send_all(client_hello[: len(client_hello) // 2])
+        await gone.aclose()
+        good = Conversation(await trio.open_tcp_stream("127.0.0.1", port))
+        async with good.stream:
+            await good.replies_n(1)
+            await good.stream.send_all(b"QUIT\r\n")
+            assert [r.code for r in await good.replies_n(1)] == [221]
+        with trio.fail_after(5):
+            # the session ends on its own when it reads the EOF; a counter has no event
+            while metrics.sessions.labels("tls_on_connect", "tls-failed")._value.get() < 1:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+    assert mta.messages == []
