@@ -39,7 +39,9 @@ class Command:
 
 @dataclass(frozen=True, slots=True)
 class DataChunk:
-    """Message bytes after DATA, verbatim (dot-stuffing kept), ending on a line end."""
+    """Message bytes after DATA, verbatim (dot-stuffing kept), ending on a line end.
+    With ``bare_newline="normalize"`` bare CR/LF line ends come out as CRLF (see
+    ``CommandReader``); otherwise the bytes are exactly the client's."""
 
     data: bytes
 
@@ -141,8 +143,9 @@ class _Buffer:
         pos = self._data.find(needle, self._start + offset)
         return -1 if pos < 0 else pos - self._start
 
-    def rfind(self, needle: bytes) -> int:
-        pos = self._data.rfind(needle, self._start)
+    def rfind(self, needle: bytes, end: int | None = None) -> int:
+        stop = len(self._data) if end is None else self._start + end
+        pos = self._data.rfind(needle, self._start, stop)
         return -1 if pos < 0 else pos - self._start
 
     def startswith(self, prefix: bytes) -> bool:
@@ -201,11 +204,32 @@ def _check_line(line: bytes) -> None:
 class CommandReader:
     """Frames what a client sends. The session drives mode changes it learns from replies:
     ``start_data`` after a 354, ``expect_line`` after a 334. BDAT chunks are framed by
-    length right after their command, since the client sends them without waiting."""
+    length right after their command, since the client sends them without waiting.
 
-    def __init__(self, max_command_line: int = 512, max_text_line: int = 1000) -> None:
+    ``bare_newline`` decides what a bare CR or LF in message data does: ``"reject"`` (a
+    fatal 554) or ``"normalize"``: each bare CR, bare LF (and so each CR LF pair that is
+    not adjacent, e.g. ``\r\r\n`` is two line ends) becomes CRLF before it leaves, so the
+    MTA never sees one. End of data stays exactly CRLF "." CRLF in the client's own bytes,
+    as in Postfix 3.9's ``smtpd_forbid_bare_newline = normalize``: a line holding only "."
+    that normalisation produced (``\n.\n``, ``\r\n.\r``, ...) is message text, and is
+    sent dot-stuffed (``..``) so the MTA cannot end the message there either. Whatever
+    follows it (a smuggled MAIL FROM...) stays inside the same message. Commands are
+    always strict CRLF."""
+
+    def __init__(
+        self,
+        max_command_line: int = 512,
+        max_text_line: int = 1000,
+        bare_newline: str = "reject",
+    ) -> None:
+        if bare_newline not in ("reject", "normalize"):
+            raise ValueError(f"bare_newline must be reject or normalize, not {bare_newline!r}")
         self.max_command_line = max_command_line
         self.max_text_line = max_text_line
+        self.normalize = bare_newline == "normalize"
+        # In DATA: the last line end was a real CRLF (the DATA line's own CRLF at first), so
+        # a "." line starting here would be the client's real end of data.
+        self._clean_line_start = True
         self._buf = _Buffer()
         self._mode = _Mode.COMMAND
         self._bdat_left = 0
@@ -235,6 +259,7 @@ class CommandReader:
     def start_data(self) -> None:
         assert self._mode is _Mode.COMMAND
         self._mode = _Mode.DATA
+        self._clean_line_start = True
 
     def expect_line(self) -> None:
         assert self._mode is _Mode.COMMAND
@@ -309,21 +334,47 @@ class CommandReader:
 
     def _next_data(self) -> DataChunk | EndOfData | NeedData:
         buf = self._buf
-        if buf.startswith(b".\r\n"):
+        if self._clean_line_start and buf.startswith(b".\r\n"):
             buf.take(3)
             self._mode = _Mode.COMMAND
             return EndOfData()
         # Only whole lines leave the buffer, so every chunk starts at a line start and the
         # terminator is either at the buffer's start or after a CRLF.
         stop = buf.find(b"\r\n.\r\n")
-        end = stop + 2 if stop >= 0 else buf.rfind(b"\n") + 1
+        if stop >= 0:
+            end = stop + 2
+        else:
+            end = buf.rfind(b"\n") + 1
+            if self.normalize and len(buf):
+                # A bare CR ends a line too, but only once the next byte shows it is not
+                # the CR of a CRLF: never cut after a CR that is the last byte we have.
+                end = max(end, buf.rfind(b"\r", len(buf) - 1) + 1)
         if end <= 0:
             if len(buf) >= self.max_text_line:
                 raise _text_line_too_long()
             return NEED_DATA
         chunk = buf.take(end)
+        if self.normalize:
+            return DataChunk(self._normalized(chunk))
         _check_data(chunk, self.max_text_line)
         return DataChunk(chunk)
+
+    def _normalized(self, chunk: bytes) -> bytes:
+        """``chunk`` (whole lines, any line ends) with CRLF line ends and every "." line
+        stuffed: the first CRLF "." CRLF is never inside a chunk, so any "." line here is
+        one the client did not send as an end of data."""
+        clean = self._clean_line_start
+        self._clean_line_start = chunk.endswith(b"\r\n")
+        lf = chunk.count(b"\n")
+        if clean and chunk.count(b"\r\n") == lf == chunk.count(b"\r"):
+            _check_data(chunk, self.max_text_line)  # the common case: already CRLF only
+            return chunk
+        lines = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        lines.pop()  # the chunk ends with a line end
+        lines = [b".." if line == b"." else line for line in lines]
+        if max(map(len, lines)) + 2 > self.max_text_line:
+            raise _text_line_too_long()
+        return b"\r\n".join(lines) + b"\r\n"
 
 
 def _proxy_header_refused() -> ProtocolError:
