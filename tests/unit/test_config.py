@@ -19,6 +19,7 @@ from proxy.config import (
     LogConfig,
     MetricsConfig,
     PipeConnectConfig,
+    ServerConfig,
     TimeoutsConfig,
     TLSConfig,
     UpstreamConfig,
@@ -111,10 +112,17 @@ FULL = """
 [listen]
 plain = ["127.0.0.1:2587", "[::1]:2587"]
 tls_on_connect = ["0.0.0.0:2465"]
+tcp_fastopen = false
+tcp_fastopen_queue = 16
 [upstream]
 address = "mta.internal:25"
 client_identity = "xclient"
 connect_timeout = 2.5
+tls = "starttls"
+tls_verify = false
+tls_ca = "mta-ca.pem"
+tls_server_name = "mta.internal"
+ehlo_name = "proxy.example"
 [pipe_connect]
 advertise_hosts = ["!192.0.2.0/24", "192.0.2.0/23", "2001:db8::/32"]
 keywords = ["X_PIPE_CONNECT"]
@@ -145,6 +153,9 @@ key = "key.pem"
 listen = "[::]:9100"
 [log]
 format = "json"
+[server]
+shutdown_grace = 45
+workers = 2
 """
 
 
@@ -153,8 +164,19 @@ def test_every_key(tmp_path: Path) -> None:
     assert config.listen == ListenConfig(
         plain=(Address("127.0.0.1", 2587), Address("::1", 2587)),
         tls_on_connect=(Address("0.0.0.0", 2465),),
+        tcp_fastopen=False,
+        tcp_fastopen_queue=16,
     )
-    assert config.upstream == UpstreamConfig(Address("mta.internal", 25), "xclient", 2.5)
+    assert config.upstream == UpstreamConfig(
+        Address("mta.internal", 25),
+        "xclient",
+        2.5,
+        tls="starttls",
+        tls_verify=False,
+        tls_ca="mta-ca.pem",
+        tls_server_name="mta.internal",
+        ehlo_name="proxy.example",
+    )
     pc = config.pipe_connect
     assert pc.advertise_hosts == HostList.parse(
         ["!192.0.2.0/24", "192.0.2.0/23", "2001:db8::/32"], "x"
@@ -172,6 +194,7 @@ def test_every_key(tmp_path: Path) -> None:
     assert config.tls == TLSConfig("cert.pem", "key.pem")
     assert config.metrics == MetricsConfig(Address("::", 9100))
     assert config.log == LogConfig("json")
+    assert config.server == ServerConfig(shutdown_grace=45.0, workers=2)
 
 
 def test_every_dataclass_field_is_a_config_key(tmp_path: Path) -> None:
@@ -424,7 +447,7 @@ def test_unknown_top_level_key_without_suggestion() -> None:
     message = error({**base(), "zzz": 1})
     assert message == (
         "zzz: unknown key (known: listen, upstream, pipe_connect, limits, timeouts, tls, "
-        "metrics, log)"
+        "metrics, log, server)"
     )
 
 
@@ -432,9 +455,14 @@ def test_unknown_top_level_key_without_suggestion() -> None:
     ("section", "key", "hint"),
     [
         ("listen", "plane", "did you mean 'plain'?"),
-        ("listen", "tls", "known: plain, tls_on_connect"),
+        ("listen", "tls", "known: plain, tls_on_connect, tcp_fastopen, tcp_fastopen_queue"),
         ("upstream", "adress", "did you mean 'address'?"),
-        ("upstream", "host", "known: address, client_identity, connect_timeout"),
+        (
+            "upstream",
+            "host",
+            "known: address, client_identity, connect_timeout, tls, tls_verify, tls_ca, "
+            "tls_server_name, ehlo_name",
+        ),
         ("pipe_connect", "advertise_host", "did you mean 'advertise_hosts'?"),
         ("pipe_connect", "keyword", "did you mean 'keywords'?"),
         ("limits", "max_session", "did you mean 'max_sessions'?"),
@@ -503,6 +531,10 @@ def test_top_level_must_be_a_table() -> None:
             math.nan,
             "must be a positive, finite number of seconds, not nan",
         ),
+        ("listen", "tcp_fastopen", "yes", "must be true or false, not string"),
+        ("listen", "tcp_fastopen", 1, "must be true or false, not integer"),
+        ("listen", "tcp_fastopen_queue", 0, "must be positive, not 0"),
+        ("listen", "tcp_fastopen_queue", True, "must be an integer, not boolean"),
         ("pipe_connect", "advertise_hosts", "*", "must be an array, not string"),
         ("pipe_connect", "advertise_hosts", ["*", 1], None),
         ("pipe_connect", "keywords", "PIPECONNECT", "must be an array, not string"),
