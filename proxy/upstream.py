@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import trio
 from OpenSSL import SSL
 
+from .fastio import try_receive, try_send
 from .proxyproto import (
     PP2_SUBTYPE_SSL_CIPHER,
     PP2_SUBTYPE_SSL_VERSION,
@@ -60,6 +61,9 @@ class Upstream:
         self.tls = ""  # negotiated version once upstream STARTTLS is done
         self.replies = ReplyReader(max_line=max_reply_line)
         self.bytes_sent = 0
+        # Bound on one blocked send (the session sets its data-block timeout): an MTA that
+        # stops reading mid-message must not hold the session forever.
+        self.send_timeout = float("inf")
         # Bytes the client sent early that were already passed on (forward mode): when the
         # session relays them again they are skipped, so the MTA sees each byte once.
         self.skip = 0
@@ -78,8 +82,14 @@ class Upstream:
             await self._write(data)
 
     async def _write(self, data: bytes) -> None:
+        sent = try_send(self.stream, data)
         try:
-            await self.stream.send_all(data)
+            if sent < len(data):
+                with trio.move_on_after(self.send_timeout) as scope:
+                    await self.stream.send_all(data[sent:])
+                if scope.cancelled_caught:
+                    stalled = f"MTA took no data for {self.send_timeout:g}s"
+                    raise UpstreamError("upstream-timeout", stalled)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise UpstreamError("upstream-lost", "connection lost while sending") from exc
         self.bytes_sent += len(data)
@@ -92,15 +102,17 @@ class Upstream:
                 raise UpstreamError("upstream-protocol", exc.reply.text) from exc
             if reply is not None:
                 return reply
-            data = b""
-            with trio.move_on_after(timeout) as scope:
-                try:
-                    data = bytes(await self.stream.receive_some(65536))
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    lost = f"connection lost awaiting {what}"
-                    raise UpstreamError("upstream-lost", lost) from exc
-            if scope.cancelled_caught:
-                raise UpstreamError("upstream-timeout", f"no {what} within {timeout:g}s")
+            data = try_receive(self.stream, 65536)
+            if data is None:
+                data = b""
+                with trio.move_on_after(timeout) as scope:
+                    try:
+                        data = bytes(await self.stream.receive_some(65536))
+                    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                        lost = f"connection lost awaiting {what}"
+                        raise UpstreamError("upstream-lost", lost) from exc
+                if scope.cancelled_caught:
+                    raise UpstreamError("upstream-timeout", f"no {what} within {timeout:g}s")
             if not data:
                 raise UpstreamError("upstream-lost", f"connection closed awaiting {what}")
             self.replies.feed(data)

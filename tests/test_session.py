@@ -360,3 +360,17 @@ async def test_proxy_v1_identity() -> None:
         assert [r.code for r in await c.replies_n(3)] == [220, 250, 221]
     assert mta.proxy_sources and mta.proxy_sources[0][0] == "127.0.0.1"
     assert mta.violations == []
+
+
+async def test_message_reply_not_held_behind_a_slow_quit() -> None:
+    """QUIT pipelined behind the message: the 250 reaches the client although the MTA has
+    not answered QUIT (native Exim takes 200 ms over it; found by test_exim_matrix)."""
+    mta = FakeMTA(script={"QUIT": STALL})
+    async with running(mta) as (port, _):
+        c = await connect(port)
+        await c.stream.send_all(b"EHLO me.test\r\n" + ENVELOPE)
+        assert [r.code for r in await c.replies_n(5)] == [220, 250, 250, 250, 354]
+        await c.stream.send_all(MESSAGE + b".\r\nQUIT\r\n")
+        final = await c.reply(timeout=2)
+        assert final is not None and final.code == 250
+    assert mta.messages == [MESSAGE]
