@@ -9,6 +9,7 @@ matplotlib is importable. Needs root and `.ci/install` + `apt-get install haprox
     python -m bench                 # everything (P1 at 0/10/50/100 ms, P4, P2, P3)
     python -m bench --quick         # CI: P1 at one RTT, a few sessions
     python -m bench --only p1 --rtts 50 --sessions 30
+    python -m bench --only attack,mixed   # issue 6: good sessions under attack; 10k-slot load
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from bench.peers import HAProxy, bench_proxy, missing_peers, raise_nofile
 from tests.mta import EximServer, Postfix, free_port, missing_software
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-PHASES = ("p1", "p4", "p2", "p3")
+PHASES = ("p1", "p4", "p2", "p3", "attack", "mixed")
 
 
 def write_csv(path: Path, rows: Sequence[Any]) -> None:
@@ -53,8 +54,9 @@ def write_csv(path: Path, rows: Sequence[Any]) -> None:
 
 
 @contextlib.contextmanager
-def latency_setup(workdir: Path) -> Iterator[dict[str, int]]:
-    """The four P1 paths, started; yields {path name: loopback port}."""
+def latency_setup(workdir: Path, trio_io: bool = False) -> Iterator[dict[str, int]]:
+    """The four P1 paths, started; yields {path name: loopback port}. ``trio_io``: also
+    `proxy-trio-io-postfix`, the proxy without its non-blocking fast paths (P4 before/after)."""
     with contextlib.ExitStack() as stack:
         pf_proxied = Postfix(workdir / "postfix-pp", free_port(), proxy_protocol=True)
         stack.callback(pf_proxied.stop)
@@ -70,12 +72,19 @@ def latency_setup(workdir: Path) -> Iterator[dict[str, int]]:
         haproxy.start()
         proxy = bench_proxy(workdir / "proxy", pf_proxied.port, client_identity="proxy-v2")
         stack.callback(proxy.stop)
-        yield {
+        paths = {
             "postfix-direct": pf_direct.port,
             "haproxy-postfix": haproxy.port,
             "proxy-postfix": proxy.port,
             "exim-native": exim.port,
         }
+        if trio_io:
+            slow = bench_proxy(
+                workdir / "proxy-trio-io", pf_proxied.port, client_identity="proxy-v2", fastio=False
+            )
+            stack.callback(slow.stop)
+            paths["proxy-trio-io-postfix"] = slow.port
+        yield paths
 
 
 def phase_p1(args: argparse.Namespace, workdir: Path, out: Path, summary: list[str]) -> None:
@@ -108,12 +117,14 @@ def phase_p1(args: argparse.Namespace, workdir: Path, out: Path, summary: list[s
 
 
 def phase_p4(args: argparse.Namespace, workdir: Path, out: Path, summary: list[str]) -> None:
-    with latency_setup(workdir) as paths:
+    with latency_setup(workdir, trio_io=True) as paths:
         p4_paths = {
             "postfix-direct": paths["postfix-direct"],
             "haproxy-postfix": paths["haproxy-postfix"],
             "proxy-postfix": paths["proxy-postfix"],
             "proxy-postfix:early": paths["proxy-postfix"],
+            "proxy-trio-io-postfix": paths["proxy-trio-io-postfix"],
+            "proxy-trio-io-postfix:early": paths["proxy-trio-io-postfix"],
         }
         rows = trio.run(run_p4, p4_paths, args.p4_sessions)
     write_csv(out / "p4.csv", rows)
@@ -123,13 +134,18 @@ def phase_p4(args: argparse.Namespace, workdir: Path, out: Path, summary: list[s
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="CI: P1 only, one RTT, few sessions")
-    ap.add_argument("--only", default=",".join(PHASES), help="comma list of p1,p4,p2,p3")
+    ap.add_argument("--only", default=",".join(PHASES), help="comma list of " + ",".join(PHASES))
     ap.add_argument("--rtts", nargs="+", default=["0", "10", "50", "100"], help="P1 RTTs, ms")
     ap.add_argument("--sessions", type=int, default=20, help="P1 sessions per point (>= 20)")
     ap.add_argument("--clients", nargs="+", default=["own", "exim"], choices=["own", "exim"])
     ap.add_argument("--p4-sessions", type=int, default=500)
     ap.add_argument("--p2-messages", type=int, default=10000)
     ap.add_argument("--p3-sessions", nargs="+", type=int, default=[1000, 5000, 9900])
+    ap.add_argument("--attack-sessions", type=int, default=200, help="good sessions per phase")
+    ap.add_argument("--slowloris", type=int, default=500, help="attack: slowloris connections")
+    ap.add_argument("--flooders", type=int, default=20, help="attack: pre-banner flood loops")
+    ap.add_argument("--mixed-sessions", type=int, default=10000, help="mixed: concurrent slots")
+    ap.add_argument("--mixed-seconds", type=float, default=60, help="mixed: duration")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--workdir", type=Path, help="for MTA spools and logs (default: a temp dir)")
     args = ap.parse_args(argv)
@@ -137,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         args.only = "p1" if args.only == ",".join(PHASES) else args.only
         args.rtts, args.sessions = ["10"], min(args.sessions, 3)
         args.p4_sessions, args.p2_messages, args.p3_sessions = 20, 500, [200]
+        args.attack_sessions, args.slowloris, args.flooders = 10, 20, 2
+        args.mixed_sessions, args.mixed_seconds = 60, 8
     phases = [p.strip() for p in args.only.split(",") if p.strip()]
     unknown = set(phases) - set(PHASES)
     if unknown:
@@ -176,6 +194,14 @@ def main(argv: list[str] | None = None) -> int:
                 from bench.load import phase_p3
 
                 summary += phase_p3(args, workdir, out, write_csv)
+            elif phase == "attack":
+                from bench.attack import phase_attack
+
+                summary += phase_attack(args, workdir, out, write_csv)
+            elif phase == "mixed":
+                from bench.mixed import phase_mixed
+
+                summary += phase_mixed(args, workdir, out, write_csv)
             print(f"== {phase} done in {time.monotonic() - t0:.1f}s", flush=True)
     (out / "summary.md").write_text("\n".join(summary) + "\n")
     print("\n".join(summary))

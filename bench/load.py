@@ -83,26 +83,37 @@ def _smtp_source(port: int, sessions: int, messages: int, length: int) -> tuple[
     return seconds, usage.ru_utime + usage.ru_stime, errors
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and its live children (the proxy's workers)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    kids = [int(p) for p in children.read_text().split()] if children.exists() else []
+    return cpu_seconds(pid) + sum(cpu_seconds(k) for k in kids)
+
+
 def phase_p2(args: argparse.Namespace, workdir: Path, out: Path, write_csv: WriteCsv) -> list[str]:
     messages: int = args.p2_messages
     rows: list[P2Row] = []
     sink = SmtpSink(workdir / "p2-sink", max_sessions=1000).start()
     haproxy = HAProxy(workdir / "p2-haproxy", sink.port, send_proxy=False).start()
     proxy = bench_proxy(workdir / "p2-proxy", sink.port, client_identity="none")
+    proxy2 = bench_proxy(workdir / "p2-proxy2", sink.port, client_identity="none", workers=2)
+    slow = bench_proxy(workdir / "p2-trio-io", sink.port, client_identity="none", fastio=False)
     try:
-        assert proxy.proc is not None
+        assert proxy.proc is not None and proxy2.proc is not None and slow.proc is not None
         paths = [
             ("direct", sink.port, None),
             ("haproxy", haproxy.port, haproxy.pid),
+            ("proxy-trio-io", slow.port, slow.proc.pid),
             ("proxy", proxy.port, proxy.proc.pid),
+            ("proxy-2w", proxy2.port, proxy2.proc.pid),
         ]
         runs = [(100, messages, 1024), (1, max(2, messages // 2000), LARGE)]
         for sessions, count, length in runs:
             for name, port, pid in paths:
-                relay0 = cpu_seconds(pid) if pid else 0.0
+                relay0 = tree_cpu_seconds(pid) if pid else 0.0
                 sink0 = cpu_seconds(sink.pid)
                 seconds, source_cpu, errors = _smtp_source(port, sessions, count, length)
-                relay_cpu = (cpu_seconds(pid) - relay0) if pid else 0.0
+                relay_cpu = (tree_cpu_seconds(pid) - relay0) if pid else 0.0
                 row = P2Row(
                     path=name,
                     sessions=sessions,
@@ -125,6 +136,8 @@ def phase_p2(args: argparse.Namespace, workdir: Path, out: Path, write_csv: Writ
                     flush=True,
                 )
     finally:
+        slow.stop()
+        proxy2.stop()
         proxy.stop()
         haproxy.stop()
         sink.stop()
@@ -136,8 +149,11 @@ def p2_table(rows: Sequence[P2Row]) -> list[str]:
     out = [
         "## P2 — throughput into smtp-sink",
         "",
-        "smtp-source, one message per session; relay CPU from /proc (all threads). HAProxy runs "
-        "2 threads, the proxy one process. smtp-source, smtp-sink and the relay share the CPUs.",
+        "smtp-source, one message per session; relay CPU from /proc (all threads, and the "
+        "workers of `proxy-2w`). HAProxy runs 2 threads, `proxy` one process, `proxy-2w` "
+        "`server.workers = 2`, `proxy-trio-io` one process without the non-blocking fast "
+        "paths (`PIPECONNECT_FASTIO=0`, as before). smtp-source, smtp-sink and the relay "
+        "share the 2 CPUs.",
         "",
         "| path | -s | messages | size | msgs/s | MB/s | relay CPU s / 1000 msgs | vs HAProxy |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",

@@ -145,12 +145,14 @@ class SmtpSink:
     max_sessions: int = 256
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
+    options: tuple[str, ...] = ()  # more smtp-sink options, e.g. ("-d", dump template)
 
     def start(self) -> SmtpSink:
         self.port = self.port or free_port()
         self.dir.mkdir(parents=True, exist_ok=True)
         log = (self.dir / f"smtp-sink-{self.port}.log").open("ab")
         cmd = [SMTP_SINK, "-u", "postfix", "-m", str(self.max_sessions), "-h", "sink.test"]
+        cmd += self.options
         cmd += [f"127.0.0.1:{self.port}", "4096"]
         self.proc = subprocess.Popen(
             cmd,
@@ -173,13 +175,32 @@ class SmtpSink:
 
 
 def bench_proxy(
-    workdir: Path, upstream_port: int, *, client_identity: str, max_sessions: int = 20000
+    workdir: Path,
+    upstream_port: int,
+    *,
+    client_identity: str,
+    max_sessions: int = 20000,
+    workers: int = 1,
+    fastio: bool = True,
+    **sections: dict[str, object],
 ) -> ProxyProcess:
-    """The proxy as users run it (`python -m proxy serve`), limits raised for load tests."""
+    """The proxy as users run it (`python -m proxy serve`), limits raised for load tests.
+    ``fastio=False``: trio's own socket calls only (PIPECONNECT_FASTIO=0), for comparison."""
     workdir.mkdir(parents=True, exist_ok=True)
-    return ProxyProcess(
+    proc = ProxyProcess(
         workdir,
         upstream_port,
         upstream={"client_identity": client_identity},
         limits={"max_sessions": max_sessions, "max_sessions_per_client": max_sessions},
-    ).start()
+        server={"workers": workers},
+        **sections,
+    )
+    saved = os.environ.get("PIPECONNECT_FASTIO")
+    os.environ["PIPECONNECT_FASTIO"] = "1" if fastio else "0"  # inherited by the process
+    try:
+        return proc.start()
+    finally:
+        if saved is None:
+            del os.environ["PIPECONNECT_FASTIO"]
+        else:
+            os.environ["PIPECONNECT_FASTIO"] = saved

@@ -55,27 +55,3 @@ def try_send(stream: trio.abc.Stream, data: bytes) -> int:
         return int(stream.socket._sock.send(data))  # type: ignore[attr-defined]
     except OSError:
         return 0
-
-
-class FastAcceptListener(trio.abc.Listener[trio.SocketStream]):
-    """A ``SocketListener`` whose ``accept`` takes an already queued connection without a
-    trip through the scheduler (within the same budget). trio yields once per accept, so a
-    busy worker (thousands of runnable sessions) took one new connection per scheduler pass
-    while its listen queue filled."""
-
-    def __init__(self, inner: trio.SocketListener) -> None:
-        self.inner = inner
-        self.socket = inner.socket
-
-    async def accept(self) -> trio.SocketStream:
-        if _spend():
-            try:
-                sock, _ = self.socket._sock.accept()  # type: ignore[attr-defined]
-            except OSError:  # nothing queued, or an error the ordinary accept handles
-                pass
-            else:
-                return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-        return await self.inner.accept()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()

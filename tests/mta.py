@@ -625,8 +625,8 @@ class EximClient:
         transport += ["  " + ln.strip() for ln in self.extra_transport.splitlines() if ln.strip()]
         text = (
             _exim_common(self.spool, self.logdir, "client.test")
-            + "log_selector = +pipelining +deliver_time +millisec +received_recipients +tls_resumption"
-            " +smtp_connection +outgoing_port +outgoing_interface\n"
+            + "log_selector = +pipelining +deliver_time +millisec +received_recipients"
+            " +tls_resumption +smtp_connection +outgoing_port +outgoing_interface\n"
             + "domainlist local_domains = client.test\n"
             + self.extra_main
             + "\n\nbegin routers\n\n"

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -113,3 +114,41 @@ def test_bench_quick_writes_p1_results(tmp_path: Path) -> None:
     for r in rows:
         assert (r["early"] == "True") == (r["path"] in ("proxy-postfix", "exim-native")), r
     assert "## P1" in (out / "summary.md").read_text()
+
+
+def test_bench_quick_attack_and_mixed_run(tmp_path: Path) -> None:
+    """`--quick --only attack,mixed`: the attack and load benchmarks run tiny and write their
+    files. Checks correctness the load run proves (every message answered 250 reached the
+    sink, no smuggled message did, attackers were held or refused), never timing."""
+    require_mtas()
+    if missing_peers():
+        reason = f"benchmark peers missing: {', '.join(missing_peers())}"
+        if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+            pytest.fail(f"CI=true, so not skipping: {reason}", pytrace=False)
+        pytest.skip(reason)
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "attack,mixed", "--out", str(out)],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    attack = json.loads((out / "attack.json").read_text())
+    assert set(attack["phases"]) == {"alone", "attack", "after"}
+    assert attack["p50_ratio"] > 0 and attack["p99_ratio"] > 0
+    # Every slowloris connection was still held when the attack ended; the flooders were
+    # answered (a banner for the allowed host, 421 for the other), never left hanging.
+    assert attack["attackers"]["slowloris:held"] == 20, attack
+    assert attack["attackers"].get("flood:code-421", 0) > 0, attack
+    assert not any(k.startswith("flood:held") for k in attack["attackers"]), attack
+    mixed = json.loads((out / "mixed.json").read_text())
+    assert mixed["delivered_250"] > 0 and mixed["missing_count"] == 0, mixed
+    assert mixed["in_sink_complete"] == mixed["delivered_250"], mixed
+    assert mixed["smuggled_reaching_sink"] == [], mixed
+    assert mixed["results"].get("smuggle:refused", 0) > 0, mixed
+    assert mixed["results"].get("slow:delivered", 0) > 0, mixed
+    summary = (out / "summary.md").read_text()
+    assert "## Attack" in summary and "## Load" in summary
