@@ -1,4 +1,4 @@
-"""Command line: serve | check-config | demo."""
+"""Command line: serve | check-config | demo | probe."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from .client import EarlyPipeliningClient
 from .config import Address, Config, ConfigError, load_config
 from .demomta import DemoMessage, DemoMTA
 from .metrics import Metrics
+from .probe import ProbeError, parse_target, probe
 from .server import run_until_signal, serve
 
 log = logging.getLogger("pipeconnect")
@@ -37,6 +38,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             config, log=dataclasses.replace(config.log, format=args.log_format)
         )
     _setup_logging(args.log_level)
+    if config.server.workers > 1:
+        from .workers import run as run_workers  # forks: import only when used
+
+        return run_workers(config, args.config)
     trio.run(run_until_signal, config, Metrics(), args.config)
     return 0
 
@@ -103,6 +108,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    try:
+        target = parse_target(args.target)
+        result = trio.run(lambda: probe(target, ehlo_name=args.ehlo, timeout=args.timeout))
+    except ProbeError as exc:
+        print(f"pipeconnect-proxy probe {args.target}: {exc}", file=sys.stderr)
+        return 1
+    print(result.dumps() if args.json else result.report())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipeconnect-proxy", description="Early-pipelining SMTP proxy"
@@ -119,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the proxy in front of a built-in MTA and show it work")
     p.add_argument("--rounds", type=int, default=2)
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser(
+        "probe", help="show what an early-pipelining client learns from a server, and the gain"
+    )
+    p.add_argument("target", metavar="HOST[:PORT]", help="the server (port 25 if omitted)")
+    p.add_argument("--ehlo", default="probe.invalid", metavar="NAME", help="name sent in EHLO")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per step (default 30)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_probe)
     return parser
 
 

@@ -197,8 +197,11 @@ def parse_header(buf: bytes | bytearray | memoryview) -> ProxyHeader | None:
 
 def _parse_v1(data: bytes) -> ProxyHeader | None:
     end = data.find(b"\r\n")
-    bad = re.search(rb"[^\x20-\x7e\r]|\r(?!\n|$)", data if end < 0 else data[:end])
-    if bad:
+    # Printable ASCII only; a CR only as the start of the CRLF. A CR at the end of an
+    # incomplete line may be that CRLF on its way, but "\r\r\n" is a bare CR: refused
+    # whether it arrives in one read or two.
+    head = data[:end] if end >= 0 else data.removesuffix(b"\r")
+    if re.search(rb"[^\x20-\x7e]", head):
         raise ProxyProtocolError("PROXY v1: invalid character")
     if end < 0:
         if len(data) >= V1_MAX_LENGTH:
