@@ -505,7 +505,9 @@ def rewrite_ehlo(
         lines.extend(k.encode("ascii") for k in keywords)
 
     for line in reply.lines[1:]:
-        kw = line.split(b" ", 1)[0].decode("ascii", "replace").upper()
+        # Split as ehlo_keywords does (leading blanks stripped), so " XCLIENT ..." cannot
+        # survive here and still be read as XCLIENT there.
+        kw = line.strip().split(b" ", 1)[0].decode("ascii", "replace").upper()
         if kw in drop:
             continue
         if kw == "PIPELINING":

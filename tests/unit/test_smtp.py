@@ -1498,3 +1498,10 @@ def test_reply_reader_fuzz(data: bytes, cut: int) -> None:
         assert split == 421
     else:
         assert split == whole
+
+
+def test_rewrite_ehlo_drops_a_keyword_behind_leading_blanks() -> None:
+    """Found by fuzz/: ehlo_keywords strips the line, so the rewrite must judge it the same."""
+    reply = Reply(250, (b"mta.test", b" XCLIENT NAME ADDR", b"PIPELINING"))
+    out = rewrite_ehlo(reply, keywords=("PIPECONNECT",))
+    assert "XCLIENT" not in ehlo_keywords(out)
