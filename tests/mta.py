@@ -348,6 +348,13 @@ class Postfix:
             "smtp_host_lookup": "native",
             "disable_dns_lookups": "yes",
             "biff": "no",
+            # A delivery agent that dies (a reload racing its start, an smtpd killed by a
+            # fault test) throttles the service and defers the queue: retry within seconds,
+            # not Postfix's minutes, so a test waiting for the Maildir sees the message.
+            "daemon_throttle_time": "1s",
+            "queue_run_delay": "1s",
+            "minimal_backoff_time": "1s",
+            "maximal_backoff_time": "2s",
             "append_dot_mydomain": "no",
             "alias_maps": "",
             "alias_database": "",
