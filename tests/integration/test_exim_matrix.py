@@ -16,7 +16,6 @@ is `test_core_e2e.py::test_stale_cache_defers_then_delivers_nothing_lost`.
 from __future__ import annotations
 
 import itertools
-import os
 import re
 import signal
 import time
@@ -25,8 +24,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import trustme
 
+from tests.certs import write_tls_files
 from tests.conftest import require_mtas
 from tests.mta import (
     EximClient,
@@ -183,15 +182,7 @@ def need_tfo(reason: str | None) -> None:
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     d = tmp_path_factory.mktemp("tls")
     _make_traversable(d)  # Exim reads the CA as Debian-exim
-    ca = trustme.CA()
-    cert = ca.issue_cert("mx.test", "127.0.0.1")
-    paths = {name: d / f"{name}.pem" for name in ("certificate", "key", "ca")}
-    cert.private_key_and_cert_chain_pem.write_to_path(str(paths["certificate"]))
-    cert.private_key_pem.write_to_path(str(paths["key"]))
-    ca.cert_pem.write_to_path(str(paths["ca"]))
-    for path in paths.values():
-        os.chmod(path, 0o644)
-    return {name: str(path) for name, path in paths.items()}
+    return write_tls_files(d, "mx.test", "127.0.0.1")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ shown by the direct control test): refused with 5xx, never seen by Postfix.
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import ssl
@@ -20,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trustme
 
 from proxy.proxyproto import encode_v1, encode_v2
 from proxy.smtp import Reply, ReplyReader
+from tests.certs import write_tls_files
 from tests.mta import Postfix, free_port, swaks
 from tests.proxyproc import ProxyProcess
 
@@ -35,15 +34,7 @@ MESSAGE = b"From: <a@src.test>\r\nSubject: id\r\n\r\nhello\r\n.\r\n"
 
 @pytest.fixture
 def tls_files(tmp_path: Path) -> dict[str, str]:
-    ca = trustme.CA()
-    cert = ca.issue_cert("mx.test", "127.0.0.1")
-    paths = {name: tmp_path / f"{name}.pem" for name in ("certificate", "key", "ca")}
-    cert.private_key_and_cert_chain_pem.write_to_path(str(paths["certificate"]))
-    cert.private_key_pem.write_to_path(str(paths["key"]))
-    ca.cert_pem.write_to_path(str(paths["ca"]))
-    for path in paths.values():
-        os.chmod(path, 0o644)
-    return {name: str(path) for name, path in paths.items()}
+    return write_tls_files(tmp_path, "mx.test", "127.0.0.1")
 
 
 @pytest.fixture

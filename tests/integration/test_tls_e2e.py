@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import trustme
 
+from tests.certs import write_tls_files
 from tests.mta import EximClient, Postfix, deliveries, swaks
 from tests.proxyproc import ProxyProcess
 
@@ -17,15 +16,7 @@ ProxyFactory = Callable[..., ProxyProcess]
 
 @pytest.fixture
 def tls_files(tmp_path: Path) -> dict[str, str]:
-    ca = trustme.CA()
-    cert = ca.issue_cert("mx.test", "127.0.0.1")
-    paths = {name: tmp_path / f"{name}.pem" for name in ("certificate", "key", "ca")}
-    cert.private_key_and_cert_chain_pem.write_to_path(str(paths["certificate"]))
-    cert.private_key_pem.write_to_path(str(paths["key"]))
-    ca.cert_pem.write_to_path(str(paths["ca"]))
-    for path in paths.values():
-        os.chmod(path, 0o644)  # Exim reads the CA as Debian-exim
-    return {name: str(path) for name, path in paths.items()}
+    return write_tls_files(tmp_path, "mx.test", "127.0.0.1")
 
 
 @pytest.fixture

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import trustme
 
+from tests.certs import write_tls_files
 from tests.mta import EximClient, Postfix, deliveries, swaks
 from tests.proxyproc import ProxyProcess
 
@@ -18,15 +17,7 @@ PostfixFactory = Callable[..., Postfix]
 
 @pytest.fixture
 def mta_tls(tmp_path: Path) -> dict[str, str]:
-    ca = trustme.CA()
-    cert = ca.issue_cert("mx.test")
-    paths = {name: tmp_path / f"mta-{name}.pem" for name in ("certificate", "key", "ca")}
-    cert.private_key_and_cert_chain_pem.write_to_path(str(paths["certificate"]))
-    cert.private_key_pem.write_to_path(str(paths["key"]))
-    ca.cert_pem.write_to_path(str(paths["ca"]))
-    for path in paths.values():
-        os.chmod(path, 0o644)  # test keys only: smtpd reads them as root, tlsmgr as postfix
-    return {name: str(path) for name, path in paths.items()}
+    return write_tls_files(tmp_path, "mx.test", prefix="mta-")
 
 
 @pytest.fixture
