@@ -38,27 +38,15 @@ from proxy.metrics import Metrics
 from proxy.server import serve
 from proxy.smtp import Reply, ReplyReader
 
-from .faultmta import BEHAVIOURS, FAULT_REPLY, FaultMTA, reset
+from .faultmta import BEHAVIOURS, FAULT_REPLY, STEPS, FaultMTA, reset
 from .test_session import make_config
 
 PATHS = ("early", "relay")
 CLIENT_WAYS = ("close", "reset")
-# Steps the client can vanish at: after sending that step's bytes (part of them for the
-# message and the chunks), without reading the answer.
-CLIENT_STEPS = (
-    "connect",
-    "banner",
-    "EHLO",
-    "MAIL",
-    "RCPT",
-    "DATA",
-    "mid-message",
-    "dot",
-    "BDAT",
-    "BDAT-LAST",
-    "QUIT",
-)
-MTA_STEPS = CLIENT_STEPS
+MTA_STEPS = STEPS
+# Steps the client can vanish at, the same ones: after sending that step's bytes (part of
+# them for the message and the chunks), without reading the answer.
+CLIENT_STEPS = STEPS
 TIMEOUT = 0.3  # every proxy timeout in these rows
 SECTIONS: dict[str, dict[str, Any]] = {
     "timeouts": {
