@@ -13,7 +13,8 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -184,7 +185,10 @@ def _version(text: str) -> str:
     return m.group(1)
 
 
-async def test_a_worker_that_dies_stops_the_proxy(tmp_path: Path) -> None:
+@asynccontextmanager
+async def two_workers(tmp_path: Path) -> AsyncIterator[ProxyProcess]:
+    """``serve`` with ``workers = 2`` in front of the fake MTA, once both workers listen;
+    stopped afterwards (SIGTERM and wait: a no-op if it already ended)."""
     mta = FakeMTA(proxy_protocol=True)
     async with trio.open_nursery() as nursery:
         mta_port = await nursery.start(mta.serve)
@@ -193,6 +197,16 @@ async def test_a_worker_that_dies_stops_the_proxy(tmp_path: Path) -> None:
         assert proxy.proc is not None
         try:
             await _until(lambda: proxy.log().count("listening on") >= 2, 20)
+            yield proxy
+        finally:
+            await trio.to_thread.run_sync(proxy.stop)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_worker_that_dies_stops_the_proxy(tmp_path: Path) -> None:
+    async with two_workers(tmp_path) as proxy:
+        assert proxy.proc is not None
+        try:
             victim, other = sorted(_children(proxy.proc.pid))
             os.kill(victim, signal.SIGKILL)
             proc = proxy.proc
@@ -203,9 +217,6 @@ async def test_a_worker_that_dies_stops_the_proxy(tmp_path: Path) -> None:
             assert f"(pid {victim}) exited with status -9: stopping the others" in log
         except subprocess.TimeoutExpired:
             pytest.fail(f"the parent did not exit:\n{proxy.log()}")
-        finally:
-            await trio.to_thread.run_sync(proxy.stop)  # SIGTERM and wait (no-op if it ended)
-        nursery.cancel_scope.cancel()
 
 
 def _gone(pid: int) -> bool:
@@ -218,52 +229,34 @@ def _gone(pid: int) -> bool:
 
 
 async def test_workers_stop_when_the_parent_is_killed(tmp_path: Path) -> None:
-    mta = FakeMTA(proxy_protocol=True)
-    async with trio.open_nursery() as nursery:
-        mta_port = await nursery.start(mta.serve)
-        proxy = ProxyProcess(tmp_path, mta_port, server={"workers": 2})
-        await trio.to_thread.run_sync(proxy.start)
+    async with two_workers(tmp_path) as proxy:
         assert proxy.proc is not None
-        try:
-            await _until(lambda: proxy.log().count("listening on") >= 2, 20)
-            workers = _children(proxy.proc.pid)
-            assert len(workers) == 2
-            proxy.proc.kill()  # SIGKILL: nothing is passed on; the kernel tells the workers
-            proxy.proc.wait()
-            await _until(lambda: all(_gone(pid) for pid in workers), 20)
-        finally:
-            await trio.to_thread.run_sync(proxy.stop)  # SIGTERM and wait (no-op if it ended)
-        nursery.cancel_scope.cancel()
+        workers = _children(proxy.proc.pid)
+        assert len(workers) == 2
+        proxy.proc.kill()  # SIGKILL: nothing is passed on; the kernel tells the workers
+        proxy.proc.wait()
+        await _until(lambda: all(_gone(pid) for pid in workers), 20)
 
 
 async def test_sighup_to_the_parent_reloads_every_worker(tmp_path: Path) -> None:
     """The parent passes SIGHUP on; each worker reloads the file, and new sessions in both
     use it (here: early pipelining is no longer advertised to 127.0.0.1)."""
-    mta = FakeMTA(proxy_protocol=True)
-    async with trio.open_nursery() as nursery:
-        mta_port = await nursery.start(mta.serve)
-        proxy = ProxyProcess(tmp_path, mta_port, server={"workers": 2})
-        await trio.to_thread.run_sync(proxy.start)
+    async with two_workers(tmp_path) as proxy:
         assert proxy.proc is not None
-        try:
-            await _until(lambda: proxy.log().count("listening on") >= 2, 20)
-            before = await _sessions(proxy.port, 4)
-            assert before == [250] * 4
-            proxy.sections["pipe_connect"] = {"advertise_hosts": ["192.0.2.0/24"]}
-            path = tmp_path / f"proxy-{proxy.port}.toml"
-            path.write_text(to_toml(proxy.config()))
-            proxy.proc.send_signal(signal.SIGHUP)
-            await _until(lambda: proxy.log().count("reloaded ") >= 2, 20)
-            reloaded = {
-                int(m.group(1)) for m in re.finditer(r"server\[(\d+)\] w\d reloaded", proxy.log())
-            }
-            assert reloaded == _children(proxy.proc.pid)
-            assert "SIGHUP: passing it to 2 workers" in proxy.log()
-            keywords = await _keywords_seen(proxy.port, 20)
-            assert not any("PIPECONNECT" in k for k in keywords), keywords
-        finally:
-            await trio.to_thread.run_sync(proxy.stop)  # SIGTERM and wait (no-op if it ended)
-        nursery.cancel_scope.cancel()
+        before = await _sessions(proxy.port, 4)
+        assert before == [250] * 4
+        proxy.sections["pipe_connect"] = {"advertise_hosts": ["192.0.2.0/24"]}
+        path = tmp_path / f"proxy-{proxy.port}.toml"
+        path.write_text(to_toml(proxy.config()))
+        proxy.proc.send_signal(signal.SIGHUP)
+        await _until(lambda: proxy.log().count("reloaded ") >= 2, 20)
+        reloaded = {
+            int(m.group(1)) for m in re.finditer(r"server\[(\d+)\] w\d reloaded", proxy.log())
+        }
+        assert reloaded == _children(proxy.proc.pid)
+        assert "SIGHUP: passing it to 2 workers" in proxy.log()
+        keywords = await _keywords_seen(proxy.port, 20)
+        assert not any("PIPECONNECT" in k for k in keywords), keywords
 
 
 async def _keywords_seen(port: int, count: int) -> set[str]:
