@@ -25,10 +25,11 @@ from .upstream import Endpoint
 log = logging.getLogger("pipeconnect.server")
 
 TOO_MANY = Reply.make(421, "4.7.0 Too many connections, try again later")
+TOO_MANY_FROM_YOU = Reply.make(421, "4.7.0 Too many connections from your address, try again later")
+
 # Listening sockets handed down by ``proxy.workers`` to a worker process (bound by the parent
 # with SO_REUSEPORT, one set per worker), used instead of binding the address again.
 INHERITED: dict[Address, list[socket.socket]] = {}
-TOO_MANY_FROM_YOU = Reply.make(421, "4.7.0 Too many connections from your address, try again later")
 
 
 class Limits:
