@@ -90,5 +90,15 @@ class ProxyProcess:
     def log(self) -> str:
         return self.stderr_path.read_text() if self.stderr_path.exists() else ""
 
-    def session_lines(self) -> list[str]:
-        return [ln for ln in self.log().splitlines() if "pipeconnect.session" in ln]
+    def session_lines(self, at_least: int = 1, timeout: float = 10) -> list[str]:
+        """The per-session log lines, once `at_least` are there (or the timeout passed).
+
+        The proxy writes a session's line after the client has gone, so a test
+        that has just seen its client finish must wait for it.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = [ln for ln in self.log().splitlines() if "pipeconnect.session" in ln]
+            if len(lines) >= at_least or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.05)

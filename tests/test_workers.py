@@ -104,7 +104,7 @@ async def _until(condition: Callable[[], bool], timeout: float) -> None:
 
 
 def _worker_pids(proxy: ProxyProcess) -> set[int]:
-    return {int(m.group(1)) for ln in proxy.session_lines() if (m := _PID.search(ln))}
+    return {int(m.group(1)) for ln in proxy.session_lines(0) if (m := _PID.search(ln))}
 
 
 def _children(pid: int) -> set[int]:
@@ -153,7 +153,7 @@ async def test_two_workers_share_the_port_merge_metrics_and_stop_on_sigterm(
             assert codes == [250] * SESSIONS
             assert len(mta.messages) == SESSIONS
             # the session lines are written as the sessions end
-            await _until(lambda: len(proxy.session_lines()) >= SESSIONS, 10)
+            await _until(lambda: len(proxy.session_lines(0)) >= SESSIONS, 10)
             served = _worker_pids(proxy)
             assert served == workers, (served, workers)  # both workers served sessions
 

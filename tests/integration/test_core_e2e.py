@@ -74,7 +74,7 @@ def test_exim_learns_then_uses_early_pipelining_through_proxy(
     assert "improper command pipelining" not in maillog
     assert "protocol synchronization" not in maillog
 
-    sessions = proxy.session_lines()
+    sessions = proxy.session_lines(3)
     assert len(sessions) == 3, proxy.log()
     assert " L. " in sessions[0] and " L* " in sessions[1] and " L* " in sessions[2]
     assert all("[127.0.0.2]" in s and "outcome=quit" in s for s in sessions)

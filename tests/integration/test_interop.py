@@ -122,5 +122,5 @@ def test_aiosmtpd_upstream_without_pipelining(proxy_factory: ProxyFactory) -> No
             gc.collect()
     assert [content for _, content in handler.messages] == [body, body]
     assert handler.proxy_sources == ["127.0.0.1", "127.0.0.1"]
-    sessions = proxy.session_lines()
+    sessions = proxy.session_lines(2)
     assert " L. " in sessions[0] and " L* " in sessions[1], proxy.log()

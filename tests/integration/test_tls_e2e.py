@@ -62,7 +62,7 @@ def test_exim_starttls_early_pipelining(
     assert lines[1].fields["X"].endswith("*") and lines[2].fields["X"].endswith("*"), logs
     messages = postfix.wait_messages(3)
     assert sorted(m.split(b"\n\n", 1)[1] for m in messages) == sorted(bodies)
-    sessions = tls_proxy.session_lines()
+    sessions = tls_proxy.session_lines(3)
     assert all(" X=TLSv1.3 " in s for s in sessions), sessions
     assert " L* " in sessions[1] and " L* " in sessions[2]
     print("\n".join(d.line for d in lines))

@@ -55,7 +55,7 @@ def test_exim_early_pipelining_with_tls_to_postfix(
         assert sorted(m.split(b"\n\n", 1)[1] for m in messages) == sorted(bodies)
         # Postfix saw TLS, and the real client's address (PROXY v2), not the proxy's.
         tls_postfix.wait_log(r"TLS connection established from unknown\[127\.0\.0\.2\]")
-        sessions = proxy.session_lines()
+        sessions = proxy.session_lines(2)
         assert all(" UX=TLSv1.3 " in s for s in sessions), sessions
         assert " L* " in sessions[1], sessions
         print(lines[1].line)
