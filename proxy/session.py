@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import trio
 from OpenSSL import SSL
 
+from . import fastio
 from .config import Config
 from .fastio import try_receive, try_send
 from .metrics import Metrics, tcp_rtt
@@ -585,7 +586,7 @@ class Session:
         elif verb == "AUTH" and reply.code == 334:
             await self._relay_auth()
         elif verb == "QUIT":
-            await self._close_client(None)
+            await self._close_client(None, linger=False)
             raise _End("quit")
 
     # ------------------------------------------------------------ message data
@@ -710,7 +711,7 @@ class Session:
         if sent == len(data):
             return
         try:
-            await self.client_stream.send_all(data[sent:])
+            await fastio.send_all(self.client_stream, data[sent:])
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise _ClientGone() from exc
         except trio.Cancelled:
@@ -722,11 +723,10 @@ class Session:
         if ready is not None:
             return ready
         try:
-            # bytes() is free for SocketStream's bytes; TLS streams may hand out bytearrays
             if timeout is None:
-                return bytes(await self.client_stream.receive_some(max_bytes))
+                return await fastio.receive_some(self.client_stream, max_bytes)
             with trio.move_on_after(timeout):
-                return bytes(await self.client_stream.receive_some(max_bytes))
+                return await fastio.receive_some(self.client_stream, max_bytes)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise _ClientGone() from exc
         self.log.detail = f"client timeout after {timeout:g}s"
@@ -751,9 +751,11 @@ class Session:
             with contextlib.suppress(UpstreamError):
                 await self.up.send(b"QUIT\r\n")
 
-    async def _close_client(self, reply: Reply | None) -> None:
+    async def _close_client(self, reply: Reply | None, *, linger: bool = True) -> None:
         """Reply once, shut down our side, and drain briefly: closing a socket with unread
-        input sends an RST that can destroy the reply in the client's buffer."""
+        input sends an RST that can destroy the reply in the client's buffer. Without
+        ``linger`` (after QUIT, when the client has nothing more to say) the drain happens
+        only if input is already waiting."""
         if reply is not None:
             self._queue(reply)
         try:
@@ -763,7 +765,7 @@ class Session:
             await self.raw_stream.send_eof()
         except (_ClientGone, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return
-        if self.client_eof:
+        if self.client_eof or not (linger or fastio.input_pending(self.raw_stream)):
             return
         # Bounded in bytes too: a flooder would keep us copying its junk for the whole
         # drain time (bench/attack.py); one that sent this much more has had its reply.
@@ -771,7 +773,7 @@ class Session:
         with trio.move_on_after(self.cfg.timeouts.early_drain):
             try:
                 while drained < DRAIN_LIMIT:
-                    data = await self.client_stream.receive_some(65536)
+                    data = await fastio.receive_some(self.client_stream, 65536)
                     if not data:
                         break
                     drained += len(data)

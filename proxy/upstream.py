@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import trio
 from OpenSSL import SSL
 
+from . import fastio
 from .fastio import try_receive, try_send
 from .proxyproto import (
     PP2_SUBTYPE_SSL_CIPHER,
@@ -86,7 +87,7 @@ class Upstream:
         try:
             if sent < len(data):
                 with trio.move_on_after(self.send_timeout) as scope:
-                    await self.stream.send_all(data[sent:])
+                    await fastio.send_all(self.stream, data[sent:])
                 if scope.cancelled_caught:
                     stalled = f"MTA took no data for {self.send_timeout:g}s"
                     raise UpstreamError("upstream-timeout", stalled)
@@ -107,7 +108,7 @@ class Upstream:
                 data = b""
                 with trio.move_on_after(timeout) as scope:
                     try:
-                        data = bytes(await self.stream.receive_some(65536))
+                        data = await fastio.receive_some(self.stream, 65536)
                     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                         lost = f"connection lost awaiting {what}"
                         raise UpstreamError("upstream-lost", lost) from exc

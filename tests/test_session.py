@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from proxy.config import parse_config
 from proxy.metrics import Metrics
@@ -374,3 +375,18 @@ async def test_message_reply_not_held_behind_a_slow_quit() -> None:
         final = await c.reply(timeout=2)
         assert final is not None and final.code == 250
     assert mta.messages == [MESSAGE]
+
+
+async def test_quit_closes_at_once_without_waiting_for_the_client(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """After the 221 the proxy closes, as Postfix does: it does not sit out the lingering
+    drain (30 s here) waiting for a client that keeps its side open."""
+    caplog.set_level(logging.INFO, logger="pipeconnect.session")
+    async with running(FakeMTA(), timeouts={"early_drain": 30}) as (port, _):
+        c = await connect(port)
+        await c.stream.send_all(b"EHLO me.test\r\nQUIT\r\n")
+        assert [r.code for r in await c.replies_n(3)] == [220, 250, 221]
+        assert await c.reply(5) is None  # EOF from the proxy, our side still open
+        await trio.testing.wait_all_tasks_blocked()  # the session has ended and logged
+        assert any("outcome=quit" in r.getMessage() for r in caplog.records)
