@@ -31,7 +31,7 @@ import trio
 from bench import report
 from bench.delay import calibrate
 from bench.latency import run_p1, run_p4
-from bench.peers import HAProxy, bench_proxy, missing_peers, raise_nofile
+from bench.peers import Floor, HAProxy, bench_proxy, missing_peers, raise_nofile
 from tests.mta import EximServer, Postfix, free_port, missing_software
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -56,7 +56,8 @@ def write_csv(path: Path, rows: Sequence[Any]) -> None:
 @contextlib.contextmanager
 def latency_setup(workdir: Path, trio_io: bool = False) -> Iterator[dict[str, int]]:
     """The four P1 paths, started; yields {path name: loopback port}. ``trio_io``: also
-    `proxy-trio-io-postfix`, the proxy without its non-blocking fast paths (P4 before/after)."""
+    `proxy-trio-io-postfix`, the proxy without its non-blocking fast paths (P4 before/after),
+    and the two byte relays without SMTP of bench/floors.py in front of the direct Postfix."""
     with contextlib.ExitStack() as stack:
         pf_proxied = Postfix(workdir / "postfix-pp", free_port(), proxy_protocol=True)
         stack.callback(pf_proxied.stop)
@@ -84,6 +85,11 @@ def latency_setup(workdir: Path, trio_io: bool = False) -> Iterator[dict[str, in
             )
             stack.callback(slow.stop)
             paths["proxy-trio-io-postfix"] = slow.port
+            # byte relays without SMTP (bench/floors.py) into the Postfix without PROXY
+            for kind in ("epoll", "trio"):
+                floor = Floor(kind, pf_direct.port).start()
+                stack.callback(floor.stop)
+                paths[f"{kind}-floor-postfix"] = floor.port
         yield paths
 
 
@@ -125,6 +131,8 @@ def phase_p4(args: argparse.Namespace, workdir: Path, out: Path, summary: list[s
             "proxy-postfix:early": paths["proxy-postfix"],
             "proxy-trio-io-postfix": paths["proxy-trio-io-postfix"],
             "proxy-trio-io-postfix:early": paths["proxy-trio-io-postfix"],
+            "epoll-floor-postfix": paths["epoll-floor-postfix"],
+            "trio-floor-postfix": paths["trio-floor-postfix"],
         }
         rows = trio.run(run_p4, p4_paths, args.p4_sessions)
     write_csv(out / "p4.csv", rows)

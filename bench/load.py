@@ -25,6 +25,7 @@ import trio
 from bench.peers import (
     HAPROXY_MAXCONN,
     SMTP_SOURCE,
+    Floor,
     HAProxy,
     SmtpSink,
     bench_proxy,
@@ -98,11 +99,13 @@ def phase_p2(args: argparse.Namespace, workdir: Path, out: Path, write_csv: Writ
     proxy = bench_proxy(workdir / "p2-proxy", sink.port, client_identity="none")
     proxy2 = bench_proxy(workdir / "p2-proxy2", sink.port, client_identity="none", workers=2)
     slow = bench_proxy(workdir / "p2-trio-io", sink.port, client_identity="none", fastio=False)
+    floors = [Floor("epoll", sink.port).start(), Floor("trio", sink.port).start()]
     try:
         assert proxy.proc is not None and proxy2.proc is not None and slow.proc is not None
         paths = [
             ("direct", sink.port, None),
             ("haproxy", haproxy.port, haproxy.pid),
+            *((f"{f.kind}-floor", f.port, f.pid) for f in floors),
             ("proxy-trio-io", slow.port, slow.proc.pid),
             ("proxy", proxy.port, proxy.proc.pid),
             ("proxy-2w", proxy2.port, proxy2.proc.pid),
@@ -136,6 +139,8 @@ def phase_p2(args: argparse.Namespace, workdir: Path, out: Path, write_csv: Writ
                     flush=True,
                 )
     finally:
+        for floor in floors:
+            floor.stop()
         slow.stop()
         proxy2.stop()
         proxy.stop()
@@ -152,7 +157,9 @@ def p2_table(rows: Sequence[P2Row]) -> list[str]:
         "smtp-source, one message per session; relay CPU from /proc (all threads, and the "
         "workers of `proxy-2w`). HAProxy runs 2 threads, `proxy` one process, `proxy-2w` "
         "`server.workers = 2`, `proxy-trio-io` one process without the non-blocking fast "
-        "paths (`PIPECONNECT_FASTIO=0`, as before). smtp-source, smtp-sink and the relay "
+        "paths (`PIPECONNECT_FASTIO=0`, as before). `epoll-floor` and `trio-floor` are byte "
+        "relays with no SMTP in them (bench/floors.py): plain Python on epoll, and the least "
+        "any trio relay does (one task per direction). smtp-source, smtp-sink and the relay "
         "share the 2 CPUs.",
         "",
         "| path | -s | messages | size | msgs/s | MB/s | relay CPU s / 1000 msgs | vs HAProxy |",

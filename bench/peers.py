@@ -8,6 +8,7 @@ import os
 import resource
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,6 +163,32 @@ class SmtpSink:
         )
         log.close()
         wait_listening(self.port, self.proc, "smtp-sink", 10)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self) -> None:
+        _stop(self.proc)
+        self.proc = None
+
+
+@dataclass
+class Floor:
+    """A byte relay with no SMTP in it (bench/floors.py): ``trio`` or ``epoll``."""
+
+    kind: str
+    upstream_port: int
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Floor:
+        self.port = self.port or free_port()
+        cmd = [sys.executable, "-m", "bench.floors", self.kind, str(self.port)]
+        self.proc = subprocess.Popen([*cmd, str(self.upstream_port)], stdin=subprocess.DEVNULL)
+        wait_listening(self.port, self.proc, f"{self.kind} floor relay", 10)
         return self
 
     @property

@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from bench.delay import DelayRelay, calibrate
-from bench.peers import missing_peers
+from bench.peers import Floor, missing_peers
 from tests.conftest import require_mtas
 
 
@@ -152,3 +152,37 @@ def test_bench_quick_attack_and_mixed_run(tmp_path: Path) -> None:
     assert mixed["results"].get("slow:delivered", 0) > 0, mixed
     summary = (out / "summary.md").read_text()
     assert "## Attack" in summary and "## Load" in summary
+
+
+@pytest.mark.parametrize("kind", ["trio", "epoll"])
+async def test_floor_relays_pass_bytes_both_ways(kind: str) -> None:
+    """P2's floors (bench/floors.py) relay a banner, 2 MiB each way and the half-close."""
+    payload = bytes(range(256)) * 8192
+
+    async def server(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.send_all(b"220 floor\r\n")
+            got = bytearray()
+            while data := await stream.receive_some(65536):
+                got.extend(data)
+            assert bytes(got) == payload  # all of it, then the client's EOF passed on
+            await stream.send_all(payload)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        nursery.start_soon(trio.serve_listeners, server, listeners)
+        upstream = listeners[0].socket.getsockname()[1]
+        floor = await trio.to_thread.run_sync(lambda: Floor(kind, upstream).start())
+        try:
+            with trio.fail_after(20):
+                stream = await trio.open_tcp_stream("127.0.0.1", floor.port)
+                async with stream:
+                    await stream.send_all(payload)
+                    await stream.send_eof()
+                    got = bytearray()
+                    while data := await stream.receive_some(65536):
+                        got.extend(data)
+            assert bytes(got) == b"220 floor\r\n" + payload
+        finally:
+            await trio.to_thread.run_sync(floor.stop)
+        nursery.cancel_scope.cancel()
