@@ -86,7 +86,7 @@ def latency_setup(workdir: Path, trio_io: bool = False) -> Iterator[dict[str, in
             stack.callback(slow.stop)
             paths["proxy-trio-io-postfix"] = slow.port
             # byte relays without SMTP (bench/floors.py) into the Postfix without PROXY
-            for kind in ("epoll", "trio"):
+            for kind in ("epoll", "epoll-smtp", "trio"):
                 floor = Floor(kind, pf_direct.port).start()
                 stack.callback(floor.stop)
                 paths[f"{kind}-floor-postfix"] = floor.port
@@ -132,6 +132,7 @@ def phase_p4(args: argparse.Namespace, workdir: Path, out: Path, summary: list[s
             "proxy-trio-io-postfix": paths["proxy-trio-io-postfix"],
             "proxy-trio-io-postfix:early": paths["proxy-trio-io-postfix"],
             "epoll-floor-postfix": paths["epoll-floor-postfix"],
+            "epoll-smtp-floor-postfix": paths["epoll-smtp-floor-postfix"],
             "trio-floor-postfix": paths["trio-floor-postfix"],
         }
         rows = trio.run(run_p4, p4_paths, args.p4_sessions)

@@ -4,22 +4,36 @@
   (as the proxy's), one task per direction, ``receive_some``/``send_all`` until EOF.
 - ``epoll``: the same in plain Python on ``select.epoll``, one thread, no framework: what
   the interpreter itself costs.
+- ``epoll-smtp``: ``epoll`` plus the proxy's sans-I/O framing of both directions
+  (``proxy.smtp``: every command, reply and message line parsed, the DATA phase tracked),
+  bytes passed on as they came: the least any Python relay that tracks SMTP costs.
 
 The proxy's CPU per session minus the trio floor is what its SMTP tracking costs; the trio
 floor minus the epoll floor is what the framework costs (bench/RESULTS.md).
 
-    python -m bench.floors trio|epoll LISTEN_PORT UPSTREAM_PORT     # loopback only
+    python -m bench.floors trio|epoll|epoll-smtp LISTEN_PORT UPSTREAM_PORT   # loopback only
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import select
 import socket
 import sys
+from collections.abc import Callable
 
 import trio
+
+from proxy.smtp import (
+    NEED_DATA,
+    Command,
+    CommandReader,
+    EndOfData,
+    ProtocolError,
+    ReplyReader,
+)
 
 LOCAL = "127.0.0.1"
 
@@ -54,18 +68,44 @@ async def trio_relay(port: int, upstream_port: int) -> None:
     )
 
 
-class _Side:
-    __slots__ = ("out", "peer", "read_done", "shut", "sock")
+class _Tracker:
+    """The framing a tracking relay does per session: commands and replies paired, 354 ->
+    message data framed until the dot. No decisions: bytes are passed on regardless."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self) -> None:
+        self.commands = CommandReader()
+        self.replies = ReplyReader()
+        self.pending: collections.deque[str] = collections.deque()
+
+    def client(self, data: bytes) -> None:
+        self.commands.feed(data)
+        while (event := self.commands.next_event()) is not NEED_DATA:
+            if isinstance(event, Command):
+                self.pending.append(event.verb)
+            elif isinstance(event, EndOfData):
+                self.pending.append(".")  # the MTA answers the end of data too
+
+    def mta(self, data: bytes) -> None:
+        self.replies.feed(data)
+        while (reply := self.replies.next_reply()) is not None:
+            verb = self.pending.popleft() if self.pending else "banner"
+            if verb == "DATA" and reply.code == 354:
+                self.commands.start_data()
+
+
+class _Side:
+    __slots__ = ("out", "parse", "peer", "read_done", "shut", "sock")
+
+    def __init__(self, sock: socket.socket, parse: Callable[[bytes], None] | None) -> None:
         self.sock = sock
+        self.parse = parse  # sees every byte read from this socket
         self.peer: _Side = self
         self.out = bytearray()  # bytes for this socket that did not fit yet
         self.read_done = False  # this socket sent EOF
         self.shut = False  # EOF passed on to this socket
 
 
-def epoll_relay(port: int, upstream_port: int) -> None:
+def epoll_relay(port: int, upstream_port: int, track: bool = False) -> None:
     """Read from a side only while its peer has nothing waiting to go out (backpressure);
     pass EOF on as a half-close; close the pair when both directions are done."""
     listener = socket.create_server((LOCAL, port), backlog=4096)
@@ -119,7 +159,9 @@ def epoll_relay(port: int, upstream_port: int) -> None:
                         raw.setblocking(False)
                         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     up.connect_ex((LOCAL, upstream_port))  # readable once the banner comes
-                    a, b = _Side(conn), _Side(up)
+                    tracker = _Tracker() if track else None
+                    a = _Side(conn, tracker.client if tracker else None)
+                    b = _Side(up, tracker.mta if tracker else None)
                     a.peer, b.peer = b, a
                     for s in (a, b):
                         sides[s.sock.fileno()] = s
@@ -141,6 +183,11 @@ def epoll_relay(port: int, upstream_port: int) -> None:
                     data = b""
                 if data is not None:
                     side.read_done = not data
+                    if data and side.parse is not None:
+                        try:
+                            side.parse(data)
+                        except ProtocolError:  # not SMTP after all: just relay it
+                            side.parse = peer.parse = None
                     peer.out += data
                     if not settle(peer):
                         close(side)
@@ -154,7 +201,7 @@ def epoll_relay(port: int, upstream_port: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.floors", description=__doc__)
-    ap.add_argument("kind", choices=["trio", "epoll"])
+    ap.add_argument("kind", choices=["trio", "epoll", "epoll-smtp"])
     ap.add_argument("port", type=int)
     ap.add_argument("upstream_port", type=int)
     args = ap.parse_args(argv)
@@ -162,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.kind == "trio":
             trio.run(trio_relay, args.port, args.upstream_port)
         else:
-            epoll_relay(args.port, args.upstream_port)
+            epoll_relay(args.port, args.upstream_port, track=args.kind == "epoll-smtp")
     except KeyboardInterrupt:
         pass
     return 0
