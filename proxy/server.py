@@ -14,7 +14,6 @@ from pathlib import Path
 
 import trio
 
-from . import acceptor
 from .config import Address, Config, ConfigError, load_config
 from .httpd import Health, serve_http
 from .metrics import Metrics
@@ -250,7 +249,7 @@ async def serve(
     ) -> None:
         # Sessions live in the outer nursery so that stopping the accept loop leaves them be.
         with scope:
-            await acceptor.serve_listeners(
+            await trio.serve_listeners(
                 handler, listeners, handler_nursery=handler_nursery, task_status=task_status
             )
 
