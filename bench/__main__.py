@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", nargs="+", default=["own", "exim"], choices=["own", "exim"])
     ap.add_argument("--p4-sessions", type=int, default=500)
     ap.add_argument("--p2-messages", type=int, default=10000)
+    ap.add_argument("--p2-rounds", type=int, default=5, help="P2: paths take turns this often")
     ap.add_argument("--p3-sessions", nargs="+", type=int, default=[1000, 5000, 9900])
     ap.add_argument("--attack-sessions", type=int, default=200, help="good sessions per phase")
     ap.add_argument("--slowloris", type=int, default=500, help="attack: slowloris connections")

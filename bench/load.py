@@ -12,6 +12,7 @@ into smtp-sink; resident memory of the relay before and after, per session.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import time
@@ -94,6 +95,7 @@ def tree_cpu_seconds(pid: int) -> float:
 def phase_p2(args: argparse.Namespace, workdir: Path, out: Path, write_csv: WriteCsv) -> list[str]:
     messages: int = args.p2_messages
     rows: list[P2Row] = []
+    round_rows: list[P2Row] = []
     sink = SmtpSink(workdir / "p2-sink", max_sessions=1000).start()
     haproxy = HAProxy(workdir / "p2-haproxy", sink.port, send_proxy=False).start()
     proxy = bench_proxy(workdir / "p2-proxy", sink.port, client_identity="none")
@@ -110,32 +112,36 @@ def phase_p2(args: argparse.Namespace, workdir: Path, out: Path, write_csv: Writ
             ("proxy", proxy.port, proxy.proc.pid),
             ("proxy-2w", proxy2.port, proxy2.proc.pid),
         ]
+        # The machine's speed drifts by tens of percent within minutes: each run is split
+        # into rounds, and every round runs every path, so drift hits all paths alike.
+        rounds = max(1, args.p2_rounds)
         runs = [(100, messages, 1024), (1, max(2, messages // 2000), LARGE)]
         for sessions, count, length in runs:
-            for name, port, pid in paths:
-                relay0 = tree_cpu_seconds(pid) if pid else 0.0
-                sink0 = cpu_seconds(sink.pid)
-                seconds, source_cpu, errors = _smtp_source(port, sessions, count, length)
-                relay_cpu = (tree_cpu_seconds(pid) - relay0) if pid else 0.0
-                row = P2Row(
-                    path=name,
-                    sessions=sessions,
-                    messages=count,
-                    message_bytes=length,
-                    seconds=seconds,
-                    msgs_per_s=count / seconds,
-                    mb_per_s=count * length / seconds / 1e6,
-                    relay_cpu_s=relay_cpu,
-                    relay_cpu_s_per_1000=relay_cpu / count * 1000,
-                    sink_cpu_s=cpu_seconds(sink.pid) - sink0,
-                    source_cpu_s=source_cpu,
-                    errors=errors,
-                )
+            per_round = max(1, count // rounds)
+            parts: dict[str, list[P2Row]] = {name: [] for name, _, _ in paths}
+            for _ in range(rounds):
+                for name, port, pid in paths:
+                    relay0 = tree_cpu_seconds(pid) if pid else 0.0
+                    sink0 = cpu_seconds(sink.pid)
+                    seconds, source_cpu, errors = _smtp_source(port, sessions, per_round, length)
+                    relay_cpu = (tree_cpu_seconds(pid) - relay0) if pid else 0.0
+                    part = _p2_row(name, sessions, per_round, length, seconds, relay_cpu)
+                    parts[name].append(
+                        dataclasses.replace(
+                            part,
+                            sink_cpu_s=cpu_seconds(sink.pid) - sink0,
+                            source_cpu_s=source_cpu,
+                            errors=errors,
+                        )
+                    )
+            round_rows += [r for name in parts for r in parts[name]]
+            for name, done in parts.items():
+                row = _p2_total(done)
                 rows.append(row)
                 print(
                     f"  P2 {name:8} -s {sessions} -l {length}: {row.msgs_per_s:8.1f} msgs/s "
                     f"{row.mb_per_s:7.2f} MB/s relay CPU {row.relay_cpu_s_per_1000:.2f} s/1000 "
-                    f"errors {errors}",
+                    f"errors {row.errors}",
                     flush=True,
                 )
     finally:
@@ -147,10 +153,50 @@ def phase_p2(args: argparse.Namespace, workdir: Path, out: Path, write_csv: Writ
         haproxy.stop()
         sink.stop()
     write_csv(out / "p2.csv", rows)
-    return p2_table(rows)
+    write_csv(out / "p2-rounds.csv", round_rows)
+    return p2_table(rows, round_rows)
 
 
-def p2_table(rows: Sequence[P2Row]) -> list[str]:
+def _p2_row(
+    name: str, sessions: int, count: int, length: int, seconds: float, relay_cpu: float
+) -> P2Row:
+    return P2Row(
+        path=name,
+        sessions=sessions,
+        messages=count,
+        message_bytes=length,
+        seconds=seconds,
+        msgs_per_s=count / seconds,
+        mb_per_s=count * length / seconds / 1e6,
+        relay_cpu_s=relay_cpu,
+        relay_cpu_s_per_1000=relay_cpu / count * 1000,
+        sink_cpu_s=0.0,
+        source_cpu_s=0.0,
+        errors=0,
+    )
+
+
+def _p2_total(parts: Sequence[P2Row]) -> P2Row:
+    """One path's rounds as one run: messages and seconds (and CPU) added up."""
+    first = parts[0]
+    total = _p2_row(
+        first.path,
+        first.sessions,
+        sum(p.messages for p in parts),
+        first.message_bytes,
+        sum(p.seconds for p in parts),
+        sum(p.relay_cpu_s for p in parts),
+    )
+    return dataclasses.replace(
+        total,
+        sink_cpu_s=sum(p.sink_cpu_s for p in parts),
+        source_cpu_s=sum(p.source_cpu_s for p in parts),
+        errors=sum(p.errors for p in parts),
+    )
+
+
+def p2_table(rows: Sequence[P2Row], round_rows: Sequence[P2Row] = ()) -> list[str]:
+    rounds = sum(1 for r in round_rows if r.path == "haproxy" and r.message_bytes == 1024)
     out = [
         "## P2 — throughput into smtp-sink",
         "",
@@ -158,13 +204,16 @@ def p2_table(rows: Sequence[P2Row]) -> list[str]:
         "workers of `proxy-2w`). HAProxy runs 2 threads, `proxy` one process, `proxy-2w` "
         "`server.workers = 2`, `proxy-trio-io` one process without the non-blocking fast "
         "paths (`PIPECONNECT_FASTIO=0`, as before). `epoll-floor` and `trio-floor` are byte "
-        "relays with no SMTP decisions in them (bench/floors.py): plain Python on epoll, the same "
-        "parsing both directions with the proxy's sans-I/O framing (`epoll-smtp-floor`), and "
-        "the least any trio relay does (one task per direction). smtp-source, smtp-sink and "
-        "the relay share the 2 CPUs.",
+        "relays with no SMTP decisions in them (bench/floors.py): plain Python on epoll, the "
+        "same parsing both directions with the proxy's sans-I/O framing (`epoll-smtp-floor`), "
+        "and the least any trio relay does (one task per direction). smtp-source, smtp-sink "
+        f"and the relay share the 2 CPUs. Each run is split into {max(rounds, 1)} rounds, every "
+        "round running every path in turn (the machine's speed drifts); the figures add the "
+        "rounds up, *per round* is the range of the rounds' own ratios to HAProxy.",
         "",
-        "| path | -s | messages | size | msgs/s | MB/s | relay CPU s / 1000 msgs | vs HAProxy |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| path | -s | messages | size | msgs/s | MB/s | relay CPU s / 1000 msgs "
+        "| vs HAProxy | per round |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         ha = next(
@@ -174,9 +223,20 @@ def p2_table(rows: Sequence[P2Row]) -> list[str]:
         size = f"{r.message_bytes // 1024} KiB" if r.message_bytes < LARGE else "10 MiB"
         out.append(
             f"| {r.path} | {r.sessions} | {r.messages} | {size} | {r.msgs_per_s:.1f} "
-            f"| {r.mb_per_s:.2f} | {r.relay_cpu_s_per_1000:.2f} | {vs} |"
+            f"| {r.mb_per_s:.2f} | {r.relay_cpu_s_per_1000:.2f} | {vs} "
+            f"| {_round_range(r, round_rows)} |"
         )
     return [*out, ""]
+
+
+def _round_range(row: P2Row, round_rows: Sequence[P2Row]) -> str:
+    """min to max over the rounds of this path's msgs/s against HAProxy's in the same round."""
+    mine = [r for r in round_rows if r.path == row.path and r.message_bytes == row.message_bytes]
+    ha = [r for r in round_rows if r.path == "haproxy" and r.message_bytes == row.message_bytes]
+    ratios = [m.msgs_per_s / h.msgs_per_s for m, h in zip(mine, ha, strict=False)]
+    if len(ratios) < 2:
+        return "—"
+    return f"{min(ratios):.2f}-{max(ratios):.2f}x"
 
 
 async def _hold_sessions(port: int, n: int) -> list[trio.SocketStream]:

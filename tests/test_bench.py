@@ -157,6 +157,40 @@ def test_bench_quick_attack_and_mixed_run(tmp_path: Path) -> None:
     assert "## Attack" in summary and "## Load" in summary
 
 
+def test_bench_quick_p2_runs(tmp_path: Path) -> None:
+    """`--quick --only p2`: every path (HAProxy, the floors, the proxy three ways) relays
+    smtp-source's messages into smtp-sink in every round, without an error; never timing."""
+    require_mtas()
+    if missing_peers():
+        reason = f"benchmark peers missing: {', '.join(missing_peers())}"
+        if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+            pytest.fail(f"CI=true, so not skipping: {reason}", pytrace=False)
+        pytest.skip(reason)
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "bench", "--quick", "--only", "p2", "--p2-rounds", "2"]
+    proc = subprocess.run(
+        [*cmd, "--out", str(out)],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    paths = ["direct", "haproxy", "epoll-floor", "epoll-smtp-floor", "trio-floor"]
+    paths += ["proxy-trio-io", "proxy", "proxy-2w"]
+    with (out / "p2.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["path"] for r in rows] == paths * 2  # 1 KiB, then the large messages
+    assert all(r["errors"] == "0" and float(r["msgs_per_s"]) > 0 for r in rows), rows
+    with (out / "p2-rounds.csv").open() as f:
+        rounds = list(csv.DictReader(f))
+    assert len(rounds) == 2 * len(rows)
+    # --quick: 500 small messages, then 2 large ones, each split over the 2 rounds
+    assert sum(int(r["messages"]) for r in rounds if r["path"] == "proxy") == 500 + 2
+    assert "## P2" in (out / "summary.md").read_text()
+
+
 @pytest.mark.parametrize("kind", ["trio", "epoll", "epoll-smtp"])
 async def test_floor_relays_pass_bytes_both_ways(kind: str) -> None:
     """P2's floors (bench/floors.py) relay a banner, 2 MiB each way and the half-close."""
