@@ -22,7 +22,6 @@ from OpenSSL import SSL
 
 from . import fastio
 from .config import Config
-from .fastio import try_receive, try_send
 from .metrics import Metrics, tcp_rtt
 from .smtp import (
     NEED_DATA,
@@ -707,7 +706,7 @@ class Session:
         if not self.out:
             return
         data, self.out = bytes(self.out), bytearray()
-        sent = try_send(self.client_stream, data)
+        sent = fastio.try_send(self.client_stream, data)
         if sent == len(data):
             return
         try:
@@ -719,7 +718,7 @@ class Session:
             raise
 
     async def _receive(self, max_bytes: int, timeout: float | None) -> bytes:
-        ready = try_receive(self.client_stream, max_bytes)
+        ready = fastio.try_receive(self.client_stream, max_bytes)
         if ready is not None:
             return ready
         try:

@@ -11,7 +11,6 @@ import trio
 from OpenSSL import SSL
 
 from . import fastio
-from .fastio import try_receive, try_send
 from .proxyproto import (
     PP2_SUBTYPE_SSL_CIPHER,
     PP2_SUBTYPE_SSL_VERSION,
@@ -83,7 +82,7 @@ class Upstream:
             await self._write(data)
 
     async def _write(self, data: bytes) -> None:
-        sent = try_send(self.stream, data)
+        sent = fastio.try_send(self.stream, data)
         try:
             if sent < len(data):
                 with trio.move_on_after(self.send_timeout) as scope:
@@ -103,7 +102,7 @@ class Upstream:
                 raise UpstreamError("upstream-protocol", exc.reply.text) from exc
             if reply is not None:
                 return reply
-            data = try_receive(self.stream, 65536)
+            data = fastio.try_receive(self.stream, 65536)
             if data is None:
                 data = b""
                 with trio.move_on_after(timeout) as scope:
