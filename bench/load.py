@@ -12,7 +12,6 @@ into smtp-sink; resident memory of the relay before and after, per session.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import subprocess
 import time
@@ -125,10 +124,14 @@ def phase_p2(args: argparse.Namespace, workdir: Path, out: Path, write_csv: Writ
                     sink0 = cpu_seconds(sink.pid)
                     seconds, source_cpu, errors = _smtp_source(port, sessions, per_round, length)
                     relay_cpu = (tree_cpu_seconds(pid) - relay0) if pid else 0.0
-                    part = _p2_row(name, sessions, per_round, length, seconds, relay_cpu)
                     parts[name].append(
-                        dataclasses.replace(
-                            part,
+                        _p2_row(
+                            name,
+                            sessions,
+                            length,
+                            messages=per_round,
+                            seconds=seconds,
+                            relay_cpu_s=relay_cpu,
                             sink_cpu_s=cpu_seconds(sink.pid) - sink0,
                             source_cpu_s=source_cpu,
                             errors=errors,
@@ -158,37 +161,44 @@ def phase_p2(args: argparse.Namespace, workdir: Path, out: Path, write_csv: Writ
 
 
 def _p2_row(
-    name: str, sessions: int, count: int, length: int, seconds: float, relay_cpu: float
+    path: str,
+    sessions: int,
+    message_bytes: int,
+    *,
+    messages: int,
+    seconds: float,
+    relay_cpu_s: float,
+    sink_cpu_s: float,
+    source_cpu_s: float,
+    errors: int,
 ) -> P2Row:
+    """A row from what was measured; the rates are derived here."""
     return P2Row(
-        path=name,
+        path=path,
         sessions=sessions,
-        messages=count,
-        message_bytes=length,
+        messages=messages,
+        message_bytes=message_bytes,
         seconds=seconds,
-        msgs_per_s=count / seconds,
-        mb_per_s=count * length / seconds / 1e6,
-        relay_cpu_s=relay_cpu,
-        relay_cpu_s_per_1000=relay_cpu / count * 1000,
-        sink_cpu_s=0.0,
-        source_cpu_s=0.0,
-        errors=0,
+        msgs_per_s=messages / seconds,
+        mb_per_s=messages * message_bytes / seconds / 1e6,
+        relay_cpu_s=relay_cpu_s,
+        relay_cpu_s_per_1000=relay_cpu_s / messages * 1000,
+        sink_cpu_s=sink_cpu_s,
+        source_cpu_s=source_cpu_s,
+        errors=errors,
     )
 
 
 def _p2_total(parts: Sequence[P2Row]) -> P2Row:
-    """One path's rounds as one run: messages and seconds (and CPU) added up."""
+    """One path's rounds as one run: messages, seconds, CPU and errors added up."""
     first = parts[0]
-    total = _p2_row(
+    return _p2_row(
         first.path,
         first.sessions,
-        sum(p.messages for p in parts),
         first.message_bytes,
-        sum(p.seconds for p in parts),
-        sum(p.relay_cpu_s for p in parts),
-    )
-    return dataclasses.replace(
-        total,
+        messages=sum(p.messages for p in parts),
+        seconds=sum(p.seconds for p in parts),
+        relay_cpu_s=sum(p.relay_cpu_s for p in parts),
         sink_cpu_s=sum(p.sink_cpu_s for p in parts),
         source_cpu_s=sum(p.source_cpu_s for p in parts),
         errors=sum(p.errors for p in parts),
