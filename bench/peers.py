@@ -85,8 +85,23 @@ def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 10) -> None:
         proc.wait()
 
 
+class _Child:
+    """What the peers below share: the process they started, its pid, stopping it."""
+
+    proc: subprocess.Popen[bytes] | None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self) -> None:
+        _stop(self.proc)
+        self.proc = None
+
+
 @dataclass
-class HAProxy:
+class HAProxy(_Child):
     """HAProxy 2.6 in TCP mode on 127.0.0.1, one backend, optionally send-proxy-v2."""
 
     dir: Path
@@ -128,18 +143,9 @@ backend mta
         wait_listening(self.port, self.proc, "haproxy", 10)
         return self
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def stop(self) -> None:
-        _stop(self.proc)
-        self.proc = None
-
 
 @dataclass
-class SmtpSink:
+class SmtpSink(_Child):
     """Postfix's smtp-sink on 127.0.0.1: answers everything, stores nothing. No PROXY protocol."""
 
     dir: Path
@@ -165,19 +171,11 @@ class SmtpSink:
         wait_listening(self.port, self.proc, "smtp-sink", 10)
         return self
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def stop(self) -> None:
-        _stop(self.proc)
-        self.proc = None
-
 
 @dataclass
-class Floor:
-    """A byte relay with no SMTP in it (bench/floors.py): ``trio`` or ``epoll``."""
+class Floor(_Child):
+    """A relay that makes no SMTP decisions (bench/floors.py): ``trio``, ``epoll`` or
+    ``epoll-smtp``."""
 
     kind: str
     upstream_port: int
@@ -190,15 +188,6 @@ class Floor:
         self.proc = subprocess.Popen([*cmd, str(self.upstream_port)], stdin=subprocess.DEVNULL)
         wait_listening(self.port, self.proc, f"{self.kind} floor relay", 10)
         return self
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def stop(self) -> None:
-        _stop(self.proc)
-        self.proc = None
 
 
 def bench_proxy(
