@@ -77,10 +77,9 @@ async def test_delay_relay_keeps_order_and_records_end_of_data() -> None:
     assert rec.to_final is not None and rec.to_final >= 0.04 - 3 * MAX_SEND_LAG
 
 
-def test_bench_quick_writes_p1_results(tmp_path: Path) -> None:
-    """`python -m bench --quick` runs P1 end to end (real Postfix, Exim, HAProxy, the proxy)
-    and writes its CSV. Checks shape and that early pipelining was used where it should be;
-    never timing."""
+def run_quick(tmp_path: Path, *args: str, timeout: float) -> Path:
+    """`python -m bench --quick ARGS`, which must succeed; returns its results folder. Needs
+    the real MTAs and HAProxy: skipped without them, except under CI=true."""
     require_mtas()
     if missing_peers():
         reason = f"benchmark peers missing: {', '.join(missing_peers())} (apt-get install haproxy)"
@@ -89,14 +88,22 @@ def test_bench_quick_writes_p1_results(tmp_path: Path) -> None:
         pytest.skip(reason)
     out = tmp_path / "results"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--sessions", "2", "--out", str(out)],
+        [sys.executable, "-m", "bench", "--quick", *args, "--out", str(out)],
         cwd=Path(__file__).resolve().parent.parent,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
         check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out
+
+
+def test_bench_quick_writes_p1_results(tmp_path: Path) -> None:
+    """`python -m bench --quick` runs P1 end to end (real Postfix, Exim, HAProxy, the proxy)
+    and writes its CSV. Checks shape and that early pipelining was used where it should be;
+    never timing."""
+    out = run_quick(tmp_path, "--sessions", "2", timeout=120)
     with (out / "p1.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert rows and set(rows[0]) == {
@@ -123,22 +130,7 @@ def test_bench_quick_attack_and_mixed_run(tmp_path: Path) -> None:
     """`--quick --only attack,mixed`: the attack and load benchmarks run tiny and write their
     files. Checks correctness the load run proves (every message answered 250 reached the
     sink, no smuggled message did, attackers were held or refused), never timing."""
-    require_mtas()
-    if missing_peers():
-        reason = f"benchmark peers missing: {', '.join(missing_peers())}"
-        if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
-            pytest.fail(f"CI=true, so not skipping: {reason}", pytrace=False)
-        pytest.skip(reason)
-    out = tmp_path / "results"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--only", "attack,mixed", "--out", str(out)],
-        cwd=Path(__file__).resolve().parent.parent,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = run_quick(tmp_path, "--only", "attack,mixed", timeout=180)
     attack = json.loads((out / "attack.json").read_text())
     assert set(attack["phases"]) == {"alone", "attack", "after"}
     assert attack["p50_ratio"] > 0 and attack["p99_ratio"] > 0
@@ -160,23 +152,7 @@ def test_bench_quick_attack_and_mixed_run(tmp_path: Path) -> None:
 def test_bench_quick_p2_runs(tmp_path: Path) -> None:
     """`--quick --only p2`: every path (HAProxy, the floors, the proxy three ways) relays
     smtp-source's messages into smtp-sink in every round, without an error; never timing."""
-    require_mtas()
-    if missing_peers():
-        reason = f"benchmark peers missing: {', '.join(missing_peers())}"
-        if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
-            pytest.fail(f"CI=true, so not skipping: {reason}", pytrace=False)
-        pytest.skip(reason)
-    out = tmp_path / "results"
-    cmd = [sys.executable, "-m", "bench", "--quick", "--only", "p2", "--p2-rounds", "2"]
-    proc = subprocess.run(
-        [*cmd, "--out", str(out)],
-        cwd=Path(__file__).resolve().parent.parent,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = run_quick(tmp_path, "--only", "p2", "--p2-rounds", "2", timeout=180)
     paths = ["direct", "haproxy", "epoll-floor", "epoll-smtp-floor", "trio-floor"]
     paths += ["proxy-trio-io", "proxy", "proxy-2w"]
     with (out / "p2.csv").open() as f:
