@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.mta import EximClient, EximServer, Postfix, free_port, missing_software
+from tests.proxyproc import ProxyProcess
 
 INTEGRATION_DIR = Path(__file__).resolve().parent / "integration"
 
@@ -135,3 +136,22 @@ def exim_server_factory(tmp_path: Path) -> Iterator[EximServerFactory]:
 
     yield make
     _stop_all(made)
+
+
+ProxyFactory = Callable[..., ProxyProcess]
+
+
+@pytest.fixture
+def proxy_factory(tmp_path: Path) -> Iterator[ProxyFactory]:
+    """Start proxies (`python -m proxy serve`) in front of an upstream port; all are stopped
+    after the test."""
+    made: list[ProxyProcess] = []
+
+    def make(upstream_port: int, **sections: dict[str, Any]) -> ProxyProcess:
+        proc = ProxyProcess(tmp_path, upstream_port, **sections)
+        made.append(proc)
+        return proc.start()
+
+    yield make
+    for proc in made:
+        proc.stop()

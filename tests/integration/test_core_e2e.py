@@ -8,30 +8,11 @@ proves the proxy never talks early or pipelines past a sync point.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-import pytest
-
+from tests.conftest import ProxyFactory
 from tests.mta import EximClient, Postfix, deliveries
-from tests.proxyproc import ProxyProcess
-
-ProxyFactory = Callable[..., ProxyProcess]
-
-
-@pytest.fixture
-def proxy_factory(tmp_path: Path) -> Iterator[ProxyFactory]:
-    made: list[ProxyProcess] = []
-
-    def make(upstream_port: int, **sections: dict[str, Any]) -> ProxyProcess:
-        proc = ProxyProcess(tmp_path, upstream_port, **sections)
-        made.append(proc)
-        return proc.start()
-
-    yield make
-    for proc in made:
-        proc.stop()
 
 
 def body(n: int) -> bytes:

@@ -6,34 +6,15 @@ import gc
 import socket
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from proxy.client import EarlyPipeliningClient
+from tests.conftest import ProxyFactory
 from tests.mta import Postfix, free_port, swaks
-from tests.proxyproc import ProxyProcess
-
-ProxyFactory = Callable[..., ProxyProcess]
-
-
-@pytest.fixture
-def proxy_factory(tmp_path: Path) -> Iterator[ProxyFactory]:
-    made: list[ProxyProcess] = []
-
-    def make(upstream_port: int, **sections: dict[str, Any]) -> ProxyProcess:
-        proc = ProxyProcess(tmp_path, upstream_port, **sections)
-        made.append(proc)
-        return proc.start()
-
-    yield make
-    for proc in made:
-        proc.stop()
 
 
 def test_swaks_pipelining_through_proxy(postfix: Postfix, proxy_factory: ProxyFactory) -> None:

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -132,20 +130,6 @@ def permissive(factory: PostfixFactory, *, proxy_protocol: bool) -> Postfix:
         forbid_unauth_pipelining=False,
         extra={"smtpd_forbid_bare_newline": "no"},
     )
-
-
-@pytest.fixture
-def proxy_factory(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
-    made: list[ProxyProcess] = []
-
-    def make(upstream_port: int, **sections: dict[str, Any]) -> ProxyProcess:
-        proc = ProxyProcess(tmp_path, upstream_port, **sections)
-        made.append(proc)
-        return proc.start()
-
-    yield make
-    for proc in made:
-        proc.stop()
 
 
 def test_permissive_postfix_is_smuggled_directly(postfix_factory: PostfixFactory) -> None:
