@@ -525,8 +525,7 @@ def test_banner_refusal_same_as_direct(
 
 def _postfix_reload(postfix: Postfix, **settings: str) -> None:
     postfix.extra.update(settings)
-    postfix.write_config()
-    postfix._postfix("reload")
+    postfix.reload()
 
 
 def test_feature_change_chunking_toggled(
