@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from proxy import proxyproto
 from proxy.smtp import (
+    EARLY_PIPELINING_KEYWORDS,
     NEED_DATA,
     PROXY_ONLY_KEYWORDS,
     BdatChunk,
@@ -275,7 +276,7 @@ def proxy_header(data: bytes) -> None:
 
 # ---------------------------------------------------------------- EHLO rewriting
 
-_KEYWORDS = ("PIPECONNECT", "X_PIPE_CONNECT", "PIPE_CONNECT", "XPIPE")
+_KEYWORDS = (*EARLY_PIPELINING_KEYWORDS, "XPIPE")  # and one of a site's own
 
 
 def ehlo(data: bytes) -> None:
@@ -306,8 +307,8 @@ def ehlo(data: bytes) -> None:
     if not chunking:
         assert b"CHUNKING" not in kws, out
     ours = {b"PIPELINING", b"STARTTLS", *(k.encode() for k in keywords)}
-    dropped = {b"XCLIENT", b"XFORWARD", b"STARTTLS", b"PIPECONNECT", b"PIPE_CONNECT"}
-    dropped |= {b"X_PIPE_CONNECT", *ours} | (set() if chunking else {b"CHUNKING"})
+    dropped = {b"XCLIENT", b"XFORWARD", *(k.encode() for k in EARLY_PIPELINING_KEYWORDS), *ours}
+    dropped |= set() if chunking else {b"CHUNKING"}
     kept = [ln for ln in reply.lines[1:] if ln.split(b" ", 1)[0].upper() not in dropped]
     assert [ln for ln in out.lines[1:] if ln.split(b" ", 1)[0].upper() not in ours] == kept
     again = rewrite_ehlo(out, keywords=keywords, starttls=starttls, chunking=chunking)

@@ -12,9 +12,11 @@ import trio
 from .client import EarlyPipeliningClient
 from .config import Address, Config, ConfigError, load_config
 from .demomta import DemoMessage, DemoMTA
+from .listen import dual_stack
 from .metrics import Metrics
 from .probe import ProbeError, parse_target, probe
 from .server import run_until_signal, serve
+from .smtp import EARLY_PIPELINING_KEYWORDS
 
 log = logging.getLogger("pipeconnect")
 
@@ -52,7 +54,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"{args.config}: {exc}", file=sys.stderr)
         return 1
-    listeners = ", ".join(str(a) for a in config.listen.plain) or "none"
+    listed = config.listen.plain + config.listen.tls_on_connect
+    listeners = (
+        ", ".join(
+            f"{a} (IPv6 and IPv4)" if dual_stack(a, listed) else str(a) for a in config.listen.plain
+        )
+        or "none"
+    )
     print(f"{args.config}: OK (plain: {listeners}; upstream {config.upstream.address})")
     return 0
 
@@ -92,7 +100,7 @@ async def _demo(rounds: int) -> None:
                 if d.early
                 else "classic: waited for the banner, then EHLO, then the envelope"
             )
-            kw = [k for k in ("PIPECONNECT", "X_PIPE_CONNECT") if k in d.keywords]
+            kw = [k for k in EARLY_PIPELINING_KEYWORDS if k in d.keywords]
             print(
                 f"session {i}: {how}\n  {d.turns} round trips to the final "
                 f"{d.final.code}; EHLO advertised {', '.join(kw) or 'no keyword'}"

@@ -13,9 +13,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .smtp import Reply, ReplyReader, ehlo_keywords
-
-EARLY_KEYWORDS = ("PIPECONNECT", "X_PIPE_CONNECT")
+from .smtp import EARLY_PIPELINING_KEYWORDS, Reply, ReplyReader, ehlo_keywords
 
 
 class ClientError(Exception):
@@ -49,7 +47,7 @@ class EarlyPipeliningClient:
 
     def can_pipe_connect(self, server: tuple[str, int]) -> bool:
         kw = self.cache.get(server, {})
-        return "PIPELINING" in kw and any(k in kw for k in EARLY_KEYWORDS)
+        return "PIPELINING" in kw and any(k in kw for k in EARLY_PIPELINING_KEYWORDS)
 
     async def send(
         self, server: tuple[str, int], sender: str, rcpts: list[str], body: bytes

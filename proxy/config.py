@@ -23,6 +23,7 @@ from typing import Any, Literal, NamedTuple, TypeVar
 
 from .errors import ConfigError
 from .hosts import HostEntry, HostList
+from .smtp import EARLY_PIPELINING_KEYWORDS
 
 __all__ = [
     "BARE_NEWLINE_POLICIES",
@@ -106,7 +107,7 @@ class UpstreamConfig:
 @dataclass(frozen=True, slots=True)
 class PipeConnectConfig:
     advertise_hosts: HostList = _ALL_HOSTS
-    keywords: tuple[str, ...] = ("PIPECONNECT", "X_PIPE_CONNECT")
+    keywords: tuple[str, ...] = EARLY_PIPELINING_KEYWORDS
     unadvertised_early_input: EarlyInputPolicy = "defer"
     max_early_bytes: int = 65536
 

@@ -2,9 +2,12 @@
 
 Not prometheus_client's ``start_http_server`` (a thread per process, unbounded): this one
 runs in the proxy's own nursery, answers one request per connection, and bounds everything
-a scraper or a stray client can make it hold: the request head (``max_request`` bytes),
-the time per connection (``timeout``), and the connections handled at once
-(``max_connections``; beyond it the server stops accepting and the kernel backlog waits).
+a scraper or a stray client can make it hold: the request head (``max_request`` bytes, to
+arrive within ``head_timeout``), the time to build and send the answer (``timeout``), and
+the connections held at once (``max_connections``). It never stops accepting, so that
+clients which connect and stay silent (or trickle) cannot starve the health checks: a new
+connection beyond the limit closes the oldest one still sending its request head (the
+oldest of all if every one is being answered).
 
 - ``/metrics``: the registry in the format the ``Accept`` header asks for (Prometheus
   text 0.0.4 by default, OpenMetrics on request), gzip if the client accepts it.
@@ -14,7 +17,6 @@ the time per connection (``timeout``), and the connections handled at once
 
 from __future__ import annotations
 
-import errno
 import gzip
 import logging
 from dataclasses import dataclass
@@ -22,14 +24,17 @@ from dataclasses import dataclass
 import trio
 from prometheus_client.exposition import choose_encoder
 
+from .config import Address
+from .listen import AcceptErrors, open_listeners, serve_listeners
 from .metrics import Metrics
 from .upstream import Endpoint
 
 log = logging.getLogger("pipeconnect.httpd")
 
 MAX_REQUEST = 8192  # request line and headers; a scrape sends a few hundred bytes
-TIMEOUT = 10.0  # per connection: read the request, build and send the answer
-MAX_CONNECTIONS = 8
+HEAD_TIMEOUT = 3.0  # from connect to the end of the request head
+TIMEOUT = 10.0  # then to build and send the answer (a health probe, a large scrape)
+MAX_CONNECTIONS = 128
 HEALTH_FRESH = 10.0  # an upstream connect younger than this counts as "recently"
 PROBE_TIMEOUT = 2.0
 
@@ -42,8 +47,6 @@ _REASONS = {
     431: "Request Header Fields Too Large",
     503: "Service Unavailable",
 }
-# accept() failures that mean "out of resources for now": wait and retry, as trio does.
-_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _TEXT = "text/plain; charset=utf-8"
 
 
@@ -194,70 +197,74 @@ class MetricsServer:
         health: Health,
         *,
         max_request: int = MAX_REQUEST,
+        head_timeout: float = HEAD_TIMEOUT,
         timeout: float = TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self.metrics = metrics
         self.health = health
         self.max_request = max_request
+        self.head_timeout = head_timeout
         self.timeout = timeout
-        self._slots = trio.Semaphore(max_connections)
+        self.max_connections = max_connections
+        # Open connections, oldest first: their cancel scope -> whether the head is in.
+        self._open: dict[trio.CancelScope, bool] = {}
 
-    async def accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
-        """Accept while a connection slot is free: beyond ``max_connections`` new clients
-        wait in the kernel's backlog instead of costing memory here."""
-        async with listener:
-            await self._accept(listener, nursery)
+    async def serve(
+        self,
+        listeners: list[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        errors = AcceptErrors(self.metrics.accept_errors, "metrics")
+        await serve_listeners(self._connection, listeners, errors, task_status=task_status)
 
-    async def _accept(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
-        while True:
-            await self._slots.acquire()
-            try:
-                stream = await listener.accept()
-            except OSError as exc:
-                self._slots.release()
-                if exc.errno not in _RESOURCE_ERRNOS:
-                    raise
-                log.warning("metrics endpoint: accept failed (%s), retrying", exc)
-                await trio.sleep(0.1)
-                continue
-            except BaseException:
-                self._slots.release()
-                raise
-            nursery.start_soon(self._connection, stream)
+    def _make_room(self) -> None:
+        while len(self._open) >= self.max_connections:
+            waiting = (scope for scope, head_in in self._open.items() if not head_in)
+            oldest = next(waiting, next(iter(self._open)))
+            del self._open[oldest]
+            oldest.cancel()
 
     async def _connection(self, stream: trio.SocketStream) -> None:
+        self._make_room()
+        scope = trio.CancelScope(deadline=trio.current_time() + self.head_timeout)
+        self._open[scope] = False
         try:
-            with trio.move_on_after(self.timeout):
-                await self._exchange(stream)
+            with scope:
+                got = await self._read_head(stream)
+                if got is None:
+                    return
+                self._open[scope] = True
+                scope.deadline = trio.current_time() + self.timeout
+                if isinstance(got, Response):
+                    await stream.send_all(got.to_bytes(False))
+                else:
+                    response = await self.respond(got)
+                    await stream.send_all(response.to_bytes(head_only=got.method == "HEAD"))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         finally:
-            self._slots.release()
-            await trio.aclose_forcefully(stream)
+            self._open.pop(scope, None)
 
-    async def _exchange(self, stream: trio.SocketStream) -> None:
+    async def _read_head(self, stream: trio.SocketStream) -> Request | Response | None:
+        """The request, a response refusing it, or None if the client left first."""
         buf = bytearray()
         searched = 0
         while (end := buf.find(b"\r\n\r\n", max(searched - 3, 0))) < 0:
             if len(buf) > self.max_request:
-                await stream.send_all(Response.text(431, "request head too large").to_bytes(False))
-                return
+                return Response.text(431, "request head too large")
             searched = len(buf)
             data = await stream.receive_some(4096)
             if not data:
-                return
+                return None
             buf += data
         if end > self.max_request:
-            await stream.send_all(Response.text(431, "request head too large").to_bytes(False))
-            return
+            return Response.text(431, "request head too large")
         try:
-            request = parse_request(bytes(buf[:end]))
+            return parse_request(bytes(buf[:end]))
         except _BadRequest as exc:
-            await stream.send_all(exc.response.to_bytes(False))
-            return
-        response = await self.respond(request)
-        await stream.send_all(response.to_bytes(head_only=request.method == "HEAD"))
+            return exc.response
 
     async def respond(self, request: Request) -> Response:
         if request.path not in ("/metrics", "/healthz", "/"):
@@ -286,6 +293,7 @@ async def serve_http(
     health: Health,
     *,
     max_request: int = MAX_REQUEST,
+    head_timeout: float = HEAD_TIMEOUT,
     timeout: float = TIMEOUT,
     max_connections: int = MAX_CONNECTIONS,
     task_status: trio.TaskStatus[Endpoint | None] = trio.TASK_STATUS_IGNORED,
@@ -296,9 +304,8 @@ async def serve_http(
     bound: that is logged as an error and the proxy goes on relaying mail without its
     endpoint (the scrape target then shows as down, which the ``up`` alert catches) --
     monitoring must never take the mail down."""
-    host, port = address
     try:
-        listeners = await trio.open_tcp_listeners(port, host=host)
+        listeners = await open_listeners(Address(*address))
     except OSError as exc:
         log.error(
             "metrics endpoint: cannot listen on %s:%d (%s); running without it", *address, exc
@@ -311,11 +318,11 @@ async def serve_http(
         metrics,
         health,
         max_request=max_request,
+        head_timeout=head_timeout,
         timeout=timeout,
         max_connections=max_connections,
     )
     async with trio.open_nursery() as nursery:
-        for listener in listeners:
-            nursery.start_soon(server.accept_loop, listener, nursery)
+        await nursery.start(server.serve, listeners)
         log.info("metrics on http://%s:%d/metrics and /healthz", *bound)
         task_status.started(bound)

@@ -240,6 +240,17 @@ class Metrics:
         self.config_last_reload_successful.set(1)
         self.config_last_reload_success.set(time.time())
 
+        # --- accepting ----------------------------------------------------------------------
+        self.accept_errors = Counter(
+            "accept_errors",
+            "accept() failures for lack of resources (EMFILE: out of file descriptors; "
+            "ENFILE, ENOMEM, ENOBUFS), retried every 0.1 s, by listener "
+            "(plain, tls_on_connect, metrics) and errno",
+            ["listener", "errno"],
+            namespace=ns,
+            registry=r,
+        )
+
         # Known label values start at 0, so that rate() and increase() see the first event.
         for action in ("defer", "reject"):
             self.early_refused.labels(action)

@@ -27,11 +27,9 @@ import trio
 from .config import Address, _address
 from .errors import ConfigError
 from .metrics import tcp_rtt
-from .smtp import ProtocolError, Reply, ReplyReader, ehlo_keywords
+from .smtp import EARLY_PIPELINING_KEYWORDS, ProtocolError, Reply, ReplyReader, ehlo_keywords
 
 DEFAULT_PORT = 25
-# Every name Exim has used (4.92-4.94, 4.95, 4.96+); a client matches its own exactly.
-EARLY_KEYWORDS = ("PIPECONNECT", "PIPE_CONNECT", "X_PIPE_CONNECT")
 # Round trips a client waits for after the TCP handshake (DESIGN.md section 1). Classic
 # cleartext: the banner (half a round trip: the server greets when the handshake completes),
 # EHLO, then the pipelined MAIL/RCPT/DATA = 2.5; early: one flight for all of it = 1.
@@ -77,7 +75,7 @@ class ProbeResult:
 
     @property
     def early_keywords(self) -> list[str]:
-        return [k for k in EARLY_KEYWORDS if k in self.keywords]
+        return [k for k in EARLY_PIPELINING_KEYWORDS if k in self.keywords]
 
     @property
     def early_pipelining(self) -> bool:
@@ -130,7 +128,10 @@ class ProbeResult:
             f"  RTT         {self.rtt_ms:.3f} ms (SMTP turnaround {_ms(self.smtp_rtt_ms)}, "
             f"TCP_INFO {_ms(self.tcp_rtt_ms)}, connect {self.connect_ms:.3f} ms)",
             "  early pipelining keyword  "
-            + (", ".join(self.early_keywords) or "none (PIPECONNECT / X_PIPE_CONNECT absent)"),
+            + (
+                ", ".join(self.early_keywords)
+                or f"none ({' / '.join(EARLY_PIPELINING_KEYWORDS)} absent)"
+            ),
         ]
         for f in FEATURES:
             value = kw.get(f, "")

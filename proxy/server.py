@@ -8,7 +8,7 @@ import logging
 import signal
 import socket
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,6 +16,7 @@ import trio
 
 from .config import Address, Config, ConfigError, load_config
 from .httpd import Health, serve_http
+from .listen import AcceptErrors, open_listeners, serve_listeners
 from .metrics import Metrics
 from .session import Session, _client_ip
 from .smtp import Reply
@@ -28,7 +29,7 @@ TOO_MANY = Reply.make(421, "4.7.0 Too many connections, try again later")
 TOO_MANY_FROM_YOU = Reply.make(421, "4.7.0 Too many connections from your address, try again later")
 
 # Listening sockets handed down by ``proxy.workers`` to a worker process (bound by the parent
-# with SO_REUSEPORT, one set per worker), used instead of binding the address again.
+# with ``listen.bind``, SO_REUSEPORT, one set per worker), used instead of binding again.
 INHERITED: dict[Address, list[socket.socket]] = {}
 
 
@@ -108,7 +109,9 @@ def enable_fast_open(listeners: list[trio.SocketListener], queue: int) -> bool:
 
 
 def _endpoint(sockaddr: tuple[str, int] | tuple[str, int, int, int]) -> Endpoint:
-    return (sockaddr[0], sockaddr[1])
+    """(host, port); an IPv4 peer of a dual-stack ``[::]`` socket (``::ffff:a.b.c.d``) as
+    IPv4 on both ends, so a PROXY header never mixes families."""
+    return (str(_client_ip(sockaddr[0])), sockaddr[1])
 
 
 class Bound(list[Endpoint]):
@@ -181,20 +184,22 @@ async def serve(
     config = rt.current.config
     limits = Limits(config.limits.max_sessions, config.limits.max_sessions_per_client)
 
-    async def open_listeners(addresses: tuple[Address, ...]) -> list[trio.SocketListener]:
+    listed = config.listen.plain + config.listen.tls_on_connect
+
+    async def listeners_for(addresses: tuple[Address, ...]) -> list[trio.SocketListener]:
         out: list[trio.SocketListener] = []
         for address in addresses:
             if address in INHERITED:
                 socks = INHERITED.pop(address)
                 out += [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in socks]
                 continue
-            out += await trio.open_tcp_listeners(address.port, host=address.host)
+            out += await open_listeners(address, listed)
         if config.listen.tcp_fastopen:
             enable_fast_open(out, config.listen.tcp_fastopen_queue)
         return out
 
-    plain = await open_listeners(config.listen.plain)
-    implicit = await open_listeners(config.listen.tls_on_connect)
+    plain = await listeners_for(config.listen.plain)
+    implicit = await listeners_for(config.listen.tls_on_connect)
     bound = [_endpoint(lst.socket.getsockname()) for lst in plain]
     if config.upstream.client_identity == "none":
         log.warning(
@@ -215,7 +220,7 @@ async def serve(
         snapshot = rt.current
         limits.total = snapshot.config.limits.max_sessions
         limits.per_client = snapshot.config.limits.max_sessions_per_client
-        with limits.admit(str(_client_ip(client[0]))) as refusal:
+        with limits.admit(client[0]) as refusal:
             if refusal is not None:
                 metrics.sessions.labels(listener, "too-many").inc()
                 await _reject(stream, refusal)
@@ -240,17 +245,19 @@ async def serve(
                     drained.set()
 
     async def accept(
-        handler: Callable[[trio.SocketStream], Awaitable[None]],
+        name: str,
         listeners: list[trio.SocketListener],
         scope: trio.CancelScope,
         handler_nursery: trio.Nursery,
         *,
-        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         # Sessions live in the outer nursery so that stopping the accept loop leaves them be.
+        handler = functools.partial(handle, listener=name)
+        errors = AcceptErrors(metrics.accept_errors, name)
         with scope:
-            await trio.serve_listeners(
-                handler, listeners, handler_nursery=handler_nursery, task_status=task_status
+            await serve_listeners(
+                handler, listeners, errors, handler_nursery=handler_nursery, task_status=task_status
             )
 
     health = Health(metrics, config.upstream.address)
@@ -261,9 +268,8 @@ async def serve(
         for name, listeners in (("plain", plain), ("tls_on_connect", implicit)):
             if listeners:
                 metrics.active.labels(name)  # exported as 0 from the start
-                handler = functools.partial(handle, listener=name)
                 accepting.append(trio.CancelScope())
-                await nursery.start(accept, handler, listeners, accepting[-1], nursery)
+                await nursery.start(accept, name, listeners, accepting[-1], nursery)
         if config.metrics.listen is not None:
             result.metrics = await nursery.start(serve_http, config.metrics.listen, metrics, health)
         health.listening = True

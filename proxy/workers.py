@@ -49,12 +49,13 @@ from prometheus_client.samples import Sample
 
 from .config import Address, Config, MetricsConfig
 from .httpd import Health, MetricsServer, Request, Response
+from .listen import bind, open_listeners
 from .metrics import Metrics
 from .upstream import Endpoint
 
 log = logging.getLogger("pipeconnect.workers")
 
-BACKLOG = 4096  # per worker socket; trio's default for open_tcp_listeners is larger still
+BACKLOG = 4096  # per worker socket; a single process asks for more (``listen.BACKLOG``)
 SCRAPE_TIMEOUT = 5.0
 MAX_SCRAPE = 16 * 1024 * 1024  # a worker's /metrics is a few tens of KiB
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -75,33 +76,6 @@ _MIN = {
 
 
 # --- listening sockets -------------------------------------------------------------------
-
-
-def bind_shared(address: Address, count: int) -> list[list[socket.socket]]:
-    """``count`` sockets per local address ``address`` resolves to, all with SO_REUSEPORT on
-    one port; returns one list per worker."""
-    host = address.host or None
-    infos = socket.getaddrinfo(host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    per_worker: list[list[socket.socket]] = [[] for _ in range(count)]
-    try:
-        for family, type_, proto, _, sockaddr in infos:
-            port = sockaddr[1]
-            for i in range(count):
-                sock = socket.socket(family, type_, proto)
-                per_worker[i].append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind((sockaddr[0], port, *sockaddr[2:]))
-                sock.listen(BACKLOG)
-                port = sock.getsockname()[1]  # port 0: the others take the same one
-    except BaseException:
-        for socks in per_worker:
-            for sock in socks:
-                sock.close()
-        raise
-    return per_worker
 
 
 def _loopback_port() -> int:
@@ -210,7 +184,7 @@ async def _serve_merged(
     task_status: trio.TaskStatus[Endpoint | None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     try:
-        listeners = await trio.open_tcp_listeners(address.port, host=address.host)
+        listeners = await open_listeners(address)
     except OSError as exc:
         log.error("metrics endpoint: cannot listen on %s (%s); running without it", address, exc)
         task_status.started(None)
@@ -219,8 +193,7 @@ async def _serve_merged(
     server = MergedMetricsServer(ports, metrics, Health(metrics, upstream))
     sockname = listeners[0].socket.getsockname()
     async with trio.open_nursery() as nursery:
-        for listener in listeners:
-            nursery.start_soon(server.accept_loop, listener, nursery)
+        await nursery.start(server.serve, listeners)
         log.info("merged metrics of %d workers on http://%s:%d/metrics", len(ports), *sockname)
         task_status.started((sockname[0], sockname[1]))
 
@@ -261,7 +234,10 @@ def run(config: Config, path: str) -> int:
     count = config.server.workers
     addresses = list(dict.fromkeys(config.listen.plain + config.listen.tls_on_connect))
     try:
-        bound = {address: bind_shared(address, count) for address in addresses}
+        bound = {
+            address: bind(address, addresses, copies=count, backlog=BACKLOG)
+            for address in addresses
+        }
     except OSError as exc:
         log.error("cannot listen: %s", exc)
         return 1
@@ -369,4 +345,4 @@ async def _supervise(config: Config, pids: dict[int, int], metrics_ports: list[i
     return 1 if failed else 0
 
 
-__all__ = ["MergedMetricsServer", "bind_shared", "merge_metrics", "run"]
+__all__ = ["MergedMetricsServer", "merge_metrics", "run"]

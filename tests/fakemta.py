@@ -47,6 +47,7 @@ class FakeMTA:
     messages: list[bytes] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
     proxy_sources: list[tuple[str, int]] = field(default_factory=list)
+    proxy_destinations: list[tuple[str, int]] = field(default_factory=list)
     proxy_tlvs: list[tuple[tuple[int, bytes], ...]] = field(default_factory=list)
     connections: int = 0
     early_input: list[bytes] = field(default_factory=list)
@@ -69,8 +70,9 @@ class FakeMTA:
                         if not data:
                             return
                         buf += data
-                    assert hdr.src is not None
+                    assert hdr.src is not None and hdr.dst is not None
                     self.proxy_sources.append(hdr.src)
+                    self.proxy_destinations.append(hdr.dst)
                     self.proxy_tlvs.append(hdr.tlvs)
                     del buf[: hdr.length]
                 await trio.sleep(self.banner_delay)

@@ -44,6 +44,14 @@ def test_check_config_minimum_ok(tmp_path: Path) -> None:
     assert "OK" in result.stdout
 
 
+def test_check_config_says_which_ipv6_listener_takes_ipv4(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.toml"
+    path.write_text(MINIMUM.replace('"127.0.0.1:2587"', '"[::]:2587", "[::]:2588", "0.0.0.0:2588"'))
+    result = run("check-config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "plain: [::]:2587 (IPv6 and IPv4), [::]:2588, 0.0.0.0:2588;" in result.stdout
+
+
 def test_check_config_names_the_bad_key(tmp_path: Path) -> None:
     path = tmp_path / "proxy.toml"
     path.write_text(MINIMUM.replace('"proxy-v2"', '"proxy-v9"'))

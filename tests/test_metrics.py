@@ -3,6 +3,7 @@ process, against the fake MTA), then a real HTTP scrape, and exact values."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import logging
 from collections.abc import AsyncIterator
@@ -18,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.client import EarlyPipeliningClient, dot_stuff
 from proxy.config import parse_config
-from proxy.httpd import Health, serve_http
+from proxy.httpd import MAX_CONNECTIONS, Health, serve_http
 from proxy.metrics import VERSION, Metrics
 from proxy.server import Bound, serve
 from proxy.session import SessionLog
@@ -465,29 +466,76 @@ async def test_request_head_is_bounded() -> None:
         assert (await raw_exchange(ep, endless)).startswith(b"HTTP/1.1 431 ")
 
 
-async def test_silent_client_is_dropped_after_the_timeout() -> None:
-    async with endpoint(timeout=0.3) as (ep, _):
+async def test_silent_client_is_dropped_after_the_head_timeout() -> None:
+    async with endpoint(head_timeout=0.3) as (ep, _):
+        stream = await trio.open_tcp_stream(*ep)
+        async with stream:
+            start = trio.current_time()
+            with trio.fail_after(3):
+                assert await stream.receive_some(100) == b""
+            assert trio.current_time() - start >= 0.3
+
+
+async def test_the_answer_has_its_own_deadline() -> None:
+    """A request whose answer takes longer than the head deadline is still answered:
+    the head deadline ends when the head is in."""
+    async with endpoint(head_timeout=0.2, timeout=5) as (ep, _):
         stream = await trio.open_tcp_stream(*ep)
         async with stream:
             with trio.fail_after(3):
+                await stream.send_all(b"GET /healthz HTTP/1.1\r\n")
+                await trio.sleep(0.1)  # the client's pace, not a synchronisation
+                await stream.send_all(b"\r\n")
+                out = bytearray()
+                while chunk := await stream.receive_some(65536):
+                    out += chunk
+        assert out.startswith(b"HTTP/1.1 200 ")
+
+
+async def trickle(stream: trio.SocketStream, data: bytes) -> None:
+    """One byte every 0.5 s, as a slow-loris client does, until the server closes."""
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        for byte in data:
+            await stream.send_all(bytes([byte]))
+            await trio.sleep(0.5)
+
+
+async def test_idle_connections_do_not_starve_the_probe() -> None:
+    """Twice the connection limit of silent clients, and some trickling ones: /healthz and
+    /metrics still answer at once (the oldest connection without a head makes room)."""
+    async with (
+        endpoint() as (ep, _),
+        contextlib.AsyncExitStack() as clients,
+        trio.open_nursery() as nursery,
+    ):
+
+        async def connect() -> trio.SocketStream:
+            return await clients.enter_async_context(await trio.open_tcp_stream(*ep))
+
+        idle = [await connect() for _ in range(2 * MAX_CONNECTIONS)]
+        for _ in range(10):
+            nursery.start_soon(trickle, await connect(), b"GET /metrics HTTP/1.1\r\n" * 10)
+        with trio.fail_after(1):
+            assert (await http(ep, "/healthz")).status == 200
+            assert (await http(ep, "/metrics")).status == 200
+        # each connection beyond the limit closed the oldest: the first ones see EOF
+        with trio.fail_after(3):
+            for stream in idle[:MAX_CONNECTIONS]:
                 assert await stream.receive_some(100) == b""
+        nursery.cancel_scope.cancel()
 
 
-async def test_connections_are_bounded() -> None:
-    """Beyond max_connections the server stops accepting; the next client is served as
-    soon as a slot frees up."""
-    async with endpoint(max_connections=1, timeout=5) as (ep, _):
-        hog = await trio.open_tcp_stream(*ep)
-        await trio.sleep(0.05)
-        waiting = await trio.open_tcp_stream(*ep)  # completes in the kernel's backlog
-        async with waiting:
-            await waiting.send_all(b"GET /healthz HTTP/1.1\r\n\r\n")
-            with trio.move_on_after(0.3):
-                await waiting.receive_some(100)
-                pytest.fail("served while the only slot was taken")
-            await hog.aclose()
+async def test_a_connection_beyond_the_limit_closes_the_oldest_without_a_head() -> None:
+    async with endpoint(max_connections=2) as (ep, _):
+        oldest = await trio.open_tcp_stream(*ep)
+        younger = await trio.open_tcp_stream(*ep)
+        async with oldest, younger:
             with trio.fail_after(3):
-                assert (await waiting.receive_some(100)).startswith(b"HTTP/1.1 200 ")
+                assert (await http(ep, "/healthz")).status == 200
+                assert await oldest.receive_some(100) == b""
+            with trio.move_on_after(0.2):  # still open: it was not the oldest
+                await younger.receive_some(100)
+                pytest.fail("the younger idle connection was closed too")
 
 
 # ------------------------------------------------------------------ configuration

@@ -27,6 +27,7 @@ from proxy.config import (
     parse_config,
 )
 from proxy.hosts import HostList
+from proxy.smtp import Reply, ehlo_keywords, rewrite_ehlo
 
 MINIMUM = (
     '[listen]\nplain = ["127.0.0.1:2587"]\n[upstream]\naddress = "127.0.0.1:2525"\n'
@@ -90,7 +91,7 @@ def test_design_sketch_loads(tmp_path: Path) -> None:
 
         [pipe_connect]
         advertise_hosts = ["*", "!192.0.2.0/24"]
-        keywords = ["PIPECONNECT", "X_PIPE_CONNECT"]
+        keywords = ["PIPECONNECT", "PIPE_CONNECT", "X_PIPE_CONNECT"]
         unadvertised_early_input = "defer"  # defer (421) | reject (554) | forward | accept
 
         [tls]
@@ -217,7 +218,10 @@ def test_defaults() -> None:
     assert config.listen == ListenConfig((), ())
     assert config.upstream == UpstreamConfig(Address("127.0.0.1", 2525), "proxy-v2", 10.0)
     assert config.pipe_connect == PipeConnectConfig(
-        HostList.parse(["*"], "x"), ("PIPECONNECT", "X_PIPE_CONNECT"), "defer", 65536
+        HostList.parse(["*"], "x"),
+        ("PIPECONNECT", "PIPE_CONNECT", "X_PIPE_CONNECT"),
+        "defer",
+        65536,
     )
     assert config.limits == LimitsConfig(512, 1000, 4096, 100, 1000, 50, "reject")
     # RFC 5321 4.5.3.2: 5 min banner/MAIL/RCPT/server, 2 min DATA init, 3 min block, 10 min end
@@ -240,6 +244,18 @@ def test_defaults() -> None:
 def test_default_allows_everyone() -> None:
     hosts = Config.default().pipe_connect.advertise_hosts
     assert hosts.matches("192.0.2.1") and hosts.matches("2001:db8::1")
+
+
+def test_default_keywords_reach_every_exim_generation() -> None:
+    # Each Exim looks for its own name only: 4.96+ PIPECONNECT, 4.94.1-4.95 (Debian 11,
+    # Ubuntu 22.04) PIPE_CONNECT, 4.92-4.94 X_PIPE_CONNECT. Leaving one out silently
+    # costs those clients early pipelining (issue #11, item 8).
+    pc = parse_config(base(pipe_connect={"advertise_hosts": ["*"]})).pipe_connect
+    assert pc.advertise_hosts.matches("192.0.2.1")
+    mta = Reply(250, (b"mx.test", b"SIZE 1000", b"PIPELINING", b"8BITMIME"))
+    advertised = ehlo_keywords(rewrite_ehlo(mta, keywords=pc.keywords))
+    for keyword in ("PIPECONNECT", "PIPE_CONNECT", "X_PIPE_CONNECT"):
+        assert keyword in pc.keywords and keyword in advertised, keyword
 
 
 def test_default_is_replaceable_like_the_demo_does() -> None:
