@@ -168,6 +168,10 @@ def phase_mixed(
         workers=2,
         pipe_connect={"advertise_hosts": ["127.0.0.1"]},
         metrics={"listen": f"127.0.0.1:{metrics_port}"},
+        # The smuggle clients must be refused, which "reject" does; under the default
+        # "normalize" their hidden message stays text inside the first (no smuggling
+        # either, tests/unit/test_bare_newline.py), which this count would not tell apart.
+        limits={"bare_newline": "reject"},
     )
     kinds = _kinds(n)
     files = [out / f"mixed-gen{g}.json" for g in range(GENERATORS)]

@@ -198,6 +198,7 @@ def bench_proxy(
     max_sessions: int = 20000,
     workers: int = 1,
     fastio: bool = True,
+    limits: dict[str, object] | None = None,
     **sections: dict[str, object],
 ) -> ProxyProcess:
     """The proxy as users run it (`python -m proxy serve`), limits raised for load tests.
@@ -207,7 +208,11 @@ def bench_proxy(
         workdir,
         upstream_port,
         upstream={"client_identity": client_identity},
-        limits={"max_sessions": max_sessions, "max_sessions_per_client": max_sessions},
+        limits={
+            "max_sessions": max_sessions,
+            "max_sessions_per_client": max_sessions,
+            **(limits or {}),
+        },
         server={"workers": workers},
         **sections,
     )

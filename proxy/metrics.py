@@ -129,6 +129,14 @@ class Metrics:
             namespace=ns,
             registry=r,
         )
+        self.sync_violations = Counter(
+            "sync_violations",
+            "Sessions ended with a synchronization error because the client sent more input "
+            "before the reply to a command it had to wait for, by that command",
+            ["command"],
+            namespace=ns,
+            registry=r,
+        )
         self.replayed = Counter(
             "replayed_commands",
             "Commands held before the banner and replayed to the MTA",

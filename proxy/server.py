@@ -206,6 +206,11 @@ async def serve(
             "upstream.client_identity = none: the MTA sees every client as this proxy's "
             "address; its access policy, rate limits and logs lose the real client"
         )
+    if config.limits.max_text_line is not None:
+        log.warning(
+            "limits.max_text_line is no longer used: the MTA judges message line length "
+            "(the proxy streams long lines in pieces); remove it from the file"
+        )
 
     sessions: set[Session] = set()
     drained = trio.Event()  # set when the last session ends while stopping
@@ -296,7 +301,11 @@ async def serve(
             log.warning("grace over: ending %d sessions with 421", len(sessions))
             for session in list(sessions):
                 session.shutdown()
-            with trio.move_on_after(rt.current.config.timeouts.early_drain + 1):
+            # A session whose message is with the MTA relays the verdict first (else the
+            # client retries and the message arrives twice): up to data_term for it, the
+            # command timeout to send it, then the usual drain.
+            t = rt.current.config.timeouts
+            with trio.move_on_after(t.data_term + t.command + t.early_drain + 1):
                 await drained.wait()
         nursery.cancel_scope.cancel()
 

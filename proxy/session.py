@@ -31,6 +31,7 @@ from .smtp import (
     Command,
     CommandReader,
     DataChunk,
+    DataRefused,
     EndOfData,
     ProtocolError,
     RawLine,
@@ -38,6 +39,7 @@ from .smtp import (
     ehlo_keywords,
     ends_group,
     rewrite_ehlo,
+    strict_command,
 )
 from .tls import OpenSSLStream
 from .upstream import (
@@ -66,7 +68,34 @@ DRAIN_LIMIT = 256 * 1024  # bytes read (and dropped) after a final reply before 
 TOO_MANY_ERRORS = Reply.make(421, "4.7.0 Too many protocol errors, closing connection")
 # Only the proxy speaks for the client to the MTA.
 FORBIDDEN = {"XCLIENT", "XFORWARD"}
-_PROXY_ONLY_LINE = re.compile(rb"(?im)^(?:XCLIENT|XFORWARD|STARTTLS|PROXY)\b")
+# Early input passed on as is (``forward``) must hold no command the proxy would refuse or
+# answer itself: the relay would fall out of step with the MTA.
+_NOT_FORWARDED = FORBIDDEN | {"STARTTLS", "PROXY"}
+# Commands after which a client must wait for the reply (RFC 2920 section 3.1): what Postfix
+# 3.7 with smtpd_forbid_unauth_pipelining answers with a sync error when input follows them
+# (measured: tests/integration/test_review_attacks.py). The proxy replays group by group, so
+# the MTA could not see such a violation: the proxy judges it. EHLO may be followed by a
+# group where early pipelining was advertised.
+SYNC_POINTS = frozenset({"HELO", "EHLO", "DATA", "NOOP", "VRFY"})
+# Characters of client-chosen text (the HELO name) written as \xHH in the text log, so no
+# HELO can make the line read as if another client had connected.
+_LOG_UNSAFE = re.compile(r'[^\x21-\x7e]|[()"\\]')
+
+
+def _log_text(text: str) -> str:
+    return _LOG_UNSAFE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def _forwardable(lines: bytes) -> bool:
+    """Whether complete early ``lines`` may go to the MTA as the client sent them."""
+    for line in lines.splitlines(keepends=True):
+        try:
+            cmd = strict_command(line)
+        except ProtocolError:
+            return False
+        if cmd.verb in _NOT_FORWARDED:
+            return False
+    return True
 
 
 class _ClientGone(Exception):
@@ -148,7 +177,7 @@ class SessionLog:
                 }
             )
         parts = [
-            f"H=({self.helo}) [{self.client[0]}]:{self.client[1]}",
+            f"H=({_log_text(self.helo)}) [{self.client[0]}]:{self.client[1]}",
             f"I={self.listener}",
             f"X={self.tls}" if self.tls else "",
             f"U={self.upstream}",
@@ -163,9 +192,14 @@ class SessionLog:
             f"TS={self.time_saved * 1000:.3f}ms" if self.round_trips_saved else "",
             f"DT={duration:.3f}s",
             f"outcome={self.outcome}",
-            f'detail="{self.detail}"' if self.detail else "",
+            f'detail="{_log_text_spaced(self.detail)}"' if self.detail else "",
         ]
         return " ".join(p for p in parts if p)
+
+
+def _log_text_spaced(text: str) -> str:
+    """``_log_text`` keeping spaces: the detail is quoted."""
+    return " ".join(_log_text(part) for part in text.split(" "))
 
 
 def _client_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -222,16 +256,24 @@ class Session:
         self.allowed = pc.advertise_hosts.matches(self.client[0])
         self.keywords: tuple[str, ...] = tuple(pc.keywords) if self.allowed else ()
         lim = config.limits
-        self.reader = CommandReader(lim.max_command_line, lim.max_text_line, lim.bare_newline)
+        self.reader = CommandReader(lim.max_command_line, lim.bare_newline)
         self.out = bytearray()
         self.up: Upstream | None = None
         self.up_pipelining = False
         self.up_chunking = False
+        self.up_size = 0  # the MTA's SIZE limit (0: none advertised)
         self.client_eof = False
         self._local_errors = 0  # non-fatal ProtocolErrors answered so far
         self._replaying = False  # commands held before the banner are being replayed
         self._stop = trio.CancelScope()  # cancelled by shutdown() when the drain grace ends
+        # An end of data (or BDAT LAST) has gone to the MTA and its verdict is not yet with
+        # the client: shutdown() waits for it, or a retry would duplicate the message.
+        self._verdict_pending = False
+        self._stop_after_verdict = False
         self._client_send_cut = False  # a cancelled send left a partial reply on the wire
+        # The wait for the next unit of client input (CommandReader.units) ends here.
+        self._unit_mark = -1
+        self._unit_deadline = 0.0
         self.log = SessionLog(listener, self.client, str(config.upstream.address))
 
     # ------------------------------------------------------------ entry point
@@ -247,8 +289,12 @@ class Session:
             log.info(self.log.render(self.cfg.log.format))
 
     def shutdown(self) -> None:
-        """End the session now with a 421 (the proxy is stopping and the grace is over)."""
-        self._stop.cancel()
+        """End the session with a 421 (the proxy is stopping and the grace is over): now,
+        or right after relaying the verdict on a message the MTA already has in full."""
+        if self._verdict_pending:
+            self._stop_after_verdict = True
+        else:
+            self._stop.cancel()
 
     async def _run(self) -> None:
         try:
@@ -261,7 +307,10 @@ class Session:
                         await self._close_client(SHUTTING_DOWN)
         finally:
             self.log.client_rtt = tcp_rtt(self.socket)
-            with trio.CancelScope(shield=True):
+            # Shielded from the drain, but bounded: a TLS close_notify to a client that
+            # reads nothing must not wait for ever (a cancelled close is forceful).
+            with trio.CancelScope(shield=True) as closing:
+                closing.deadline = trio.current_time() + self.cfg.timeouts.early_drain
                 if self.up is not None:
                     await self.up.aclose()
                 await self.client_stream.aclose()
@@ -301,12 +350,15 @@ class Session:
         early = bytearray()
         limit = self.cfg.pipe_connect.max_early_bytes
 
+        forwarded = 0  # early bytes passed on (forward): whole, checked lines
+
         async def read_early(scope: trio.CancelScope) -> None:
+            nonlocal forwarded
             if self.implicit_tls:
                 await self._start_tls()
             handshake_done.set()
             while len(early) < limit:
-                data = await self._receive(limit - len(early), None)
+                data = await self._receive(limit - len(early), None, 0.0)
                 if not data:
                     self.client_eof = True
                     if not early:
@@ -314,22 +366,25 @@ class Session:
                     return
                 early.extend(data)
                 self.log.early_bytes = len(early)  # logged even if the MTA fails first
-                if policy == "forward" and _PROXY_ONLY_LINE.search(early):
-                    # Never pass on a command only the proxy may send (nor one it answers
-                    # itself: the relay would then fall out of step with the MTA).
-                    refused.append("defer")
-                    scope.cancel()
-                    return
                 if policy in ("defer", "reject"):
                     refused.append(policy)
                     scope.cancel()
                     return
                 if policy == "forward":
                     # Pass the early talk on right behind the PROXY header so the MTA's own
-                    # early-talker checks judge it; the relay later skips these bytes.
-                    await header_sent.wait()
-                    assert self.up is not None
-                    await self.up.forward_early(bytes(data))
+                    # early-talker checks judge it; the relay later skips these bytes. Only
+                    # whole lines the proxy would pass as commands: never one only the proxy
+                    # may send, nor one the MTA could read as another command.
+                    lines = bytes(early[forwarded : early.rfind(b"\n") + 1])
+                    if not _forwardable(lines):
+                        refused.append("defer")
+                        scope.cancel()
+                        return
+                    if lines:
+                        await header_sent.wait()
+                        assert self.up is not None
+                        await self.up.forward_early(lines)
+                        forwarded += len(lines)
 
         async def open_upstream(scope: trio.CancelScope) -> None:
             up = self.cfg.upstream
@@ -349,9 +404,9 @@ class Session:
                 local=self.local,
                 connect_timeout=up.connect_timeout,
                 max_reply_line=self.cfg.limits.max_reply_line,
+                send_timeout=self.cfg.timeouts.data_block,
                 tlvs=tlvs,
             )
-            self.up.send_timeout = self.cfg.timeouts.data_block
             t1 = time.monotonic()
             self.metrics.upstream_connect.observe(t1 - t0)
             header_sent.set()
@@ -446,6 +501,15 @@ class Session:
                     self._ehlos += 1
                     if self._ehlos == 1 and self.reader.buffered:
                         self._pipelined_behind_first_ehlo()
+                if self.reader.buffered and self._sync_point(event):
+                    # As Postfix and Exim: the commands before it were answered; this one
+                    # and whatever the client sent behind it are not executed.
+                    await self._run_batch(batch)
+                    self.log.detail = f"input pipelined after {event.verb}"
+                    self.metrics.sync_violations.labels(event.verb).inc()
+                    reply = f"5.5.0 {SYNC_ERROR}: input sent before the reply to {event.verb}"
+                    await self._close_client(Reply.make(554, reply))
+                    raise _End("sync-violation")
                 if event.verb == "STARTTLS" and self.tls_context and not self.tls_active:
                     await self._run_batch(batch)
                     batch = []
@@ -463,6 +527,14 @@ class Session:
                 if ends_group(event) or event.verb == "BDAT" or len(batch) >= max_batch:
                     break
             await self._run_batch(batch)
+
+    def _sync_point(self, cmd: Command) -> bool:
+        """Whether the client had to wait for the reply to ``cmd`` before sending more."""
+        if cmd.verb == "EHLO" and (self.keywords or (self._ehlos == 1 and self.log.early_bytes)):
+            # The group behind EHLO that early pipelining allows: advertised to this host,
+            # or sent before the banner and let through by unadvertised_early_input.
+            return False
+        return cmd.verb in SYNC_POINTS
 
     def _pipelined_behind_first_ehlo(self) -> None:
         """Commands already behind the first EHLO mean the client did not wait for the EHLO
@@ -562,6 +634,8 @@ class Session:
                 caps = ehlo_keywords(reply)
                 self.up_pipelining = "PIPELINING" in caps
                 self.up_chunking = "CHUNKING" in caps
+                size = caps.get("SIZE", "").split(" ", 1)[0]
+                self.up_size = int(size) if size.isdigit() else 0
                 reply = rewrite_ehlo(
                     reply,
                     keywords=self.keywords,
@@ -573,13 +647,14 @@ class Session:
         elif verb == "HELO":
             self.log.helo = cmd.args.strip()
             self.up_pipelining = self.up_chunking = False
+            self.up_size = 0
         elif verb == "RCPT" and reply.positive:
             self.log.rcpts += 1
         elif verb == "MAIL":
             self.in_transaction = reply.positive
         elif verb == "RSET":
             self.in_transaction = False
-        await self._mta_reply(reply)
+        await self._mta_reply(reply, verb)
         if verb == "DATA" and reply.code == 354:
             await self._relay_data()
         elif verb == "AUTH" and reply.code == 334:
@@ -595,27 +670,36 @@ class Session:
         self.reader.start_data()
         await self._flush()  # the client waits for the 354 before it sends the message
         pending = bytearray()  # message bytes parsed from the current receive, not yet sent
+        refused: Reply | None = None  # the reply the client gets after its end of data
         while True:
-            try:
-                event = self.reader.next_event()
-            except ProtocolError as exc:
-                # The MTA has part of the message: dropping the connection makes it discard
-                # it, which is the only way to abort DATA.
-                await up.aclose()
-                self.up = None
-                await self._close_client(exc.reply)
-                raise _End("protocol-error") from None
+            event = self.reader.next_event()
             if event is NEED_DATA:
                 if pending:  # what this receive held, in one write
                     await up.send(bytes(pending))
                     pending.clear()
+                if refused is not None and self.up_size and self.reader.discarded > self.up_size:
+                    # Longer than the MTA would take: answer now rather than read on.
+                    await self._close_client(refused)
+                    raise _End("protocol-error")
                 await self._fill(self.cfg.timeouts.data_block)
             elif isinstance(event, DataChunk):
                 self.log.bytes_in += len(event.data)
                 self.metrics.message_bytes.inc(len(event.data))
                 pending += event.data
+            elif isinstance(event, DataRefused):
+                # Dropping the connection is the only way to make the MTA discard a message
+                # it has part of. The client hears why once it has sent its end of data.
+                refused = event.reply
+                pending.clear()
+                await up.aclose()
+                self.up = None
+                self.log.detail = refused.text
             elif isinstance(event, EndOfData):
+                if refused is not None:
+                    await self._close_client(refused)
+                    raise _End("protocol-error")
                 # The last chunk and the terminator in one write (one segment, one syscall).
+                self._verdict_pending = True
                 await up.send(bytes(pending + event.raw))
                 reply = await up.read_reply(self.cfg.timeouts.data_term, "end of data reply")
                 await self._message_done(reply)
@@ -626,6 +710,7 @@ class Session:
 
     async def _relay_bdat(self, cmd: Command) -> None:
         up = self._upstream()
+        last = ends_group(cmd)  # BDAT ... LAST (the reader has checked the syntax)
         while True:
             event = self.reader.next_event()
             if event is NEED_DATA:
@@ -633,14 +718,17 @@ class Session:
             elif isinstance(event, BdatChunk):
                 self.log.bytes_in += len(event.data)
                 self.metrics.message_bytes.inc(len(event.data))
+                if last and not self.reader.bdat_left:
+                    self._verdict_pending = True  # these octets complete the message
                 await up.send(event.data)
             elif isinstance(event, BdatEnd):
                 timeout = self.cfg.timeouts.data_term if event.last else self._timeout(cmd)
+                self._verdict_pending = event.last
                 reply = await up.read_reply(timeout, "BDAT reply")
                 if event.last:
                     await self._message_done(reply)
                 else:
-                    await self._mta_reply(reply)
+                    await self._mta_reply(reply, "BDAT")
                 return
             else:
                 assert isinstance(event, Closed), event
@@ -651,17 +739,24 @@ class Session:
         if reply.code == 250:
             self.log.messages += 1
             self.metrics.messages.inc()
-        await self._mta_reply(reply)
+        self._verdict_pending = False
+        await self._mta_reply(reply, "end of data")
+        if self._stop_after_verdict:
+            # Draining: the verdict reaches the client before the 421 does.
+            await self._flush()
+            self._stop.cancel()
+            await trio.lowlevel.checkpoint()
 
-    async def _mta_reply(self, reply: Reply) -> None:
-        """Queue a reply from the MTA. 421 means it is closing the channel (RFC 5321 3.8):
-        end the session there, not with a second 421 of ours after relaying more commands
-        into a dead connection, and say so in the log."""
+    async def _mta_reply(self, reply: Reply, verb: str = "") -> None:
+        """Queue a reply from the MTA. A 421, or a 221 to anything but QUIT, means it is
+        closing the channel (RFC 5321 3.8; Postfix says 221 to "GET /"): end the session
+        there, not with a 421 of ours after relaying more commands into a dead connection
+        (nothing may follow a 221), and say so in the log."""
         self._queue(reply)
-        if reply.code == 421:
-            self.log.detail = f"MTA: 421 {reply.text}"
-            await self._close_client(None)
-            raise _End("upstream-421")
+        if reply.code == 421 or (reply.code == 221 and verb != "QUIT"):
+            self.log.detail = f"MTA: {reply.code} {reply.text}"
+            await self._close_client(None, linger=reply.code == 421)
+            raise _End(f"upstream-{reply.code}")
 
     async def _discard_bdat(self) -> None:
         while True:
@@ -677,8 +772,19 @@ class Session:
         up = self._upstream()
         while True:
             self.reader.expect_line()
-            while (event := self.reader.next_event()) is NEED_DATA:
-                await self._fill(self.cfg.timeouts.command)
+            try:
+                while (event := self.reader.next_event()) is NEED_DATA:
+                    await self._fill(self.cfg.timeouts.command)
+            except ProtocolError as exc:
+                # The line never reaches the MTA: cancel the exchange there (RFC 4954 "*")
+                # and answer the client ourselves, so both stay in step.
+                if exc.fatal:
+                    await self._close_client(exc.reply)
+                    raise _End("protocol-error") from None
+                await up.send(b"*\r\n")
+                await up.read_reply(self.cfg.timeouts.reply, "AUTH cancel reply")
+                self._queue(exc.reply)
+                return
             if isinstance(event, Closed):
                 raise _End("client-gone")
             assert isinstance(event, RawLine), event
@@ -703,28 +809,39 @@ class Session:
         self.out += reply.to_bytes()
 
     async def _flush(self) -> None:
+        """Send the queued replies. Bounded by ``timeouts.command``: a client that reads
+        nothing must not hold its session once the socket buffers are full."""
         if not self.out:
             return
         data, self.out = bytes(self.out), bytearray()
         sent = fastio.try_send(self.client_stream, data)
         if sent == len(data):
             return
-        try:
-            await fastio.send_all(self.client_stream, data[sent:])
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise _ClientGone() from exc
-        except trio.Cancelled:
-            self._client_send_cut = True
-            raise
+        timeout = self.cfg.timeouts.command
+        with trio.move_on_after(timeout) as scope:
+            try:
+                await fastio.send_all(self.client_stream, data[sent:])
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise _ClientGone() from exc
+            except trio.Cancelled:
+                self._client_send_cut = True
+                raise
+        if scope.cancelled_caught:
+            self.log.detail = f"client read nothing for {timeout:g}s"
+            raise _End("client-timeout")
 
-    async def _receive(self, max_bytes: int, timeout: float | None) -> bytes:
-        ready = fastio.try_receive(self.client_stream, max_bytes)
+    async def _receive(self, max_bytes: int, deadline: float | None, timeout: float) -> bytes:
+        """Client bytes (``b""`` at EOF) before ``deadline`` (None: no limit of its own)."""
+        if deadline is not None and trio.current_time() >= deadline:
+            ready = None  # a trickler's byte that happens to be waiting does not count
+        else:
+            ready = fastio.try_receive(self.client_stream, max_bytes)
         if ready is not None:
             return ready
         try:
-            if timeout is None:
+            if deadline is None:
                 return await fastio.receive_some(self.client_stream, max_bytes)
-            with trio.move_on_after(timeout):
+            with trio.move_on_at(deadline):
                 return await fastio.receive_some(self.client_stream, max_bytes)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise _ClientGone() from exc
@@ -733,12 +850,17 @@ class Session:
         raise _End("client-timeout")
 
     async def _fill(self, timeout: float) -> None:
-        """Flush queued replies, then block for more client input."""
+        """Flush queued replies, then block for more client input. ``timeout`` bounds the
+        whole unit being read (a command line, a message line or 64 KiB of one, 64 KiB of a
+        BDAT chunk), not each read: a client trickling a byte at a time cannot stretch it."""
         self._replaying = False
         await self._flush()
         if self.client_eof:
             raise RuntimeError("reader asked for data after EOF")  # pragma: no cover
-        data = await self._receive(65536, timeout)
+        if self.reader.units != self._unit_mark:
+            self._unit_mark = self.reader.units
+            self._unit_deadline = trio.current_time() + timeout
+        data = await self._receive(65536, self._unit_deadline, timeout)
         if data:
             self.reader.feed(data)
         else:
@@ -762,8 +884,8 @@ class Session:
             if self.tls_active:
                 return  # TLS has no half-close; aclose sends close_notify
             await self.raw_stream.send_eof()
-        except (_ClientGone, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            return
+        except (_ClientGone, _End, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return  # gone, or reads nothing (_flush timed out): nothing more to say
         if self.client_eof or not (linger or fastio.input_pending(self.raw_stream)):
             return
         # Bounded in bytes too: a flooder would keep us copying its junk for the whole

@@ -73,13 +73,23 @@ class RawLine:
 
 
 @dataclass(frozen=True, slots=True)
+class DataRefused:
+    """Message data the proxy will not pass on (a bare CR or LF under ``"reject"``). The
+    reader now discards the rest of the message; the session stops the MTA's copy at once
+    and sends ``reply`` after the client's end of data (``EndOfData``), where the client
+    reads replies again (RFC 5321 4.1.1.4)."""
+
+    reply: Reply
+
+
+@dataclass(frozen=True, slots=True)
 class Closed:
     """The client closed its side; ``partial`` tells whether bytes were left unframed."""
 
     partial: bool
 
 
-ClientEvent = Command | DataChunk | EndOfData | BdatChunk | BdatEnd | RawLine | Closed
+ClientEvent = Command | DataChunk | EndOfData | DataRefused | BdatChunk | BdatEnd | RawLine | Closed
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,12 +186,45 @@ class _Mode(Enum):
     COMMAND = auto()
     LINE = auto()
     DATA = auto()
+    DISCARD = auto()  # the rest of a refused message, up to its end of data
     BDAT = auto()
+
+
+# Message bytes without a line end leave the buffer in pieces of this size: the MTA judges
+# line length (Postfix wraps at line_length_limit), the proxy's memory stays bounded. It is
+# also the unit a data timeout bounds (``CommandReader.units``).
+DATA_PIECE: Final = 65536
 
 
 # re.ASCII: with Unicode case folding "LA\u017fT" (long s) would match LAST, which no MTA
 # agrees with.
 _BDAT_ARGS = re.compile(r"([0-9]{1,18})(?: +(LAST))? *", re.IGNORECASE | re.ASCII)
+
+
+# What a command line may hold besides its CRLF: a verb of letters, digits, "-" or "_",
+# then nothing or SP and arguments of printable ASCII, SP and 8-bit bytes (SMTPUTF8). MTAs
+# tokenize more loosely (Postfix skips leading blanks, splits the verb on HT, VT and FF too,
+# cuts the line at NUL), so a line they could read as another verb than ours -- "DATA<TAB>",
+# " XCLIENT ...", "DATA<NUL>x" -- never reaches them.
+_COMMAND_SYNTAX = re.compile(rb"[A-Za-z0-9_-]+(?: [\x20-\x7e\x80-\xff]*)?")
+# An AUTH response (base64 or "*"): no blanks or control characters either.
+_RESPONSE_SYNTAX = re.compile(rb"[\x21-\x7e\x80-\xff]*")
+
+
+def _bad_syntax() -> ProtocolError:
+    return ProtocolError(
+        Reply.make(500, "5.5.2 Syntax error: blank, control character or NUL in command line"),
+        fatal=False,
+    )
+
+
+def strict_command(line: bytes) -> Command:
+    """``line`` (ending in LF) as a command, or the ProtocolError the proxy answers it with:
+    bare CR or LF (fatal), or a line an MTA could tokenize differently (500)."""
+    _check_line(line)
+    if not _COMMAND_SYNTAX.fullmatch(line, 0, len(line) - 2):
+        raise _bad_syntax()
+    return parse_command(line)
 
 
 def parse_command(raw: bytes) -> Command:
@@ -216,20 +259,21 @@ class CommandReader:
     follows it (a smuggled MAIL FROM...) stays inside the same message. Commands are
     always strict CRLF."""
 
-    def __init__(
-        self,
-        max_command_line: int = 512,
-        max_text_line: int = 1000,
-        bare_newline: str = "reject",
-    ) -> None:
+    def __init__(self, max_command_line: int = 512, bare_newline: str = "reject") -> None:
         if bare_newline not in ("reject", "normalize"):
             raise ValueError(f"bare_newline must be reject or normalize, not {bare_newline!r}")
         self.max_command_line = max_command_line
-        self.max_text_line = max_text_line
         self.normalize = bare_newline == "normalize"
+        # Completed units of input: a command or AUTH line, a message line (or DATA_PIECE
+        # bytes of one), DATA_PIECE bytes of a BDAT chunk, an end. A timeout bounds the
+        # wait for the next unit, not each read, so a trickling client cannot stretch it.
+        self.units = 0
+        self._piece = 0  # BDAT bytes since the last unit
+        self.discarded = 0  # bytes of a refused message dropped so far
         # In DATA: the last line end was a real CRLF (the DATA line's own CRLF at first), so
         # a "." line starting here would be the client's real end of data.
         self._clean_line_start = True
+        self._mid_line = False  # the last DataChunk was a piece of a line without its end
         self._buf = _Buffer()
         self._mode = _Mode.COMMAND
         self._bdat_left = 0
@@ -254,12 +298,18 @@ class CommandReader:
 
     @property
     def in_data(self) -> bool:
-        return self._mode is _Mode.DATA
+        return self._mode in (_Mode.DATA, _Mode.DISCARD)
+
+    @property
+    def bdat_left(self) -> int:
+        """Octets of the current BDAT chunk not yet read."""
+        return self._bdat_left if self._mode is _Mode.BDAT else 0
 
     def start_data(self) -> None:
         assert self._mode is _Mode.COMMAND
         self._mode = _Mode.DATA
         self._clean_line_start = True
+        self._mid_line = False
 
     def expect_line(self) -> None:
         assert self._mode is _Mode.COMMAND
@@ -280,15 +330,25 @@ class CommandReader:
             if self._buf.startswith(PROXY_V2_SIGNATURE):
                 raise _proxy_header_refused()
         event: ClientEvent | NeedData
-        if self._mode is _Mode.DATA:
-            event = self._next_data()
-        elif self._mode is _Mode.BDAT:
-            event = self._next_bdat()
-        else:
-            event = self._next_line()
-        if event is NEED_DATA and self._eof:
+        try:
+            if self._mode is _Mode.DATA:
+                event = self._next_data()
+            elif self._mode is _Mode.DISCARD:
+                event = self._next_discard()
+            elif self._mode is _Mode.BDAT:
+                event = self._next_bdat()
+            else:
+                event = self._next_line()
+        except ProtocolError:
+            self.units += 1
+            raise
+        if event is NEED_DATA:
+            if not self._eof:
+                return event
             partial = len(self._buf) > 0 or self._discarding or self._mode is not _Mode.COMMAND
-            return Closed(partial=partial)
+            event = Closed(partial=partial)
+        if not isinstance(event, BdatChunk):
+            self.units += 1
         return event
 
     def _next_line(self) -> Command | RawLine | NeedData:
@@ -305,11 +365,13 @@ class CommandReader:
         if self._discarding or len(line) > limit:
             self._discarding = False
             raise ProtocolError(Reply.make(500, "5.5.2 Line too long"), fatal=False)
-        _check_line(line)
         if self._mode is _Mode.LINE:
             self._mode = _Mode.COMMAND
+            _check_line(line)
+            if not _RESPONSE_SYNTAX.fullmatch(line, 0, len(line) - 2):
+                raise _bad_syntax()
             return RawLine(line)
-        cmd = parse_command(line)
+        cmd = strict_command(line)
         if cmd.verb == "PROXY":
             raise _proxy_header_refused()
         if cmd.verb == "BDAT":
@@ -330,16 +392,21 @@ class CommandReader:
             return NEED_DATA
         data = self._buf.take(self._bdat_left)
         self._bdat_left -= len(data)
+        self._piece += len(data)
+        if self._piece >= DATA_PIECE:
+            self._piece = 0
+            self.units += 1
         return BdatChunk(data)
 
-    def _next_data(self) -> DataChunk | EndOfData | NeedData:
+    def _next_data(self) -> DataChunk | EndOfData | DataRefused | NeedData:
         buf = self._buf
         if self._clean_line_start and buf.startswith(b".\r\n"):
             buf.take(3)
             self._mode = _Mode.COMMAND
             return EndOfData()
-        # Only whole lines leave the buffer, so every chunk starts at a line start and the
-        # terminator is either at the buffer's start or after a CRLF.
+        # Whole lines leave the buffer (or DATA_PIECE bytes of a line without an end), so
+        # the terminator is either at the buffer's start after a real CRLF, or after a CRLF
+        # inside it.
         stop = buf.find(b"\r\n.\r\n")
         if stop >= 0:
             end = stop + 2
@@ -350,30 +417,68 @@ class CommandReader:
                 # the CR of a CRLF: never cut after a CR that is the last byte we have.
                 end = max(end, buf.rfind(b"\r", len(buf) - 1) + 1)
         if end <= 0:
-            if len(buf) >= self.max_text_line:
-                raise _text_line_too_long()
-            return NEED_DATA
+            if len(buf) < max(DATA_PIECE, 3):  # 3: it could still become ".\r\n"
+                return NEED_DATA
+            # A long line: pass a piece on, keeping a last CR that may start a CRLF. In
+            # reject mode any other CR is bare; in normalize mode there is none (it would
+            # have ended a line above).
+            end = len(buf) - 1 if buf.find(b"\r", len(buf) - 1) >= 0 else len(buf)
+            if not end:
+                return NEED_DATA  # only that CR (with a piece size of 1, as tests use)
+            piece = buf.take(end)
+            self._clean_line_start = False
+            self._mid_line = True
+            if not self.normalize and b"\r" in piece:
+                return self._refuse_data(clean=False)
+            return DataChunk(piece)
         chunk = buf.take(end)
+        mid_line, self._mid_line = self._mid_line, False
         if self.normalize:
-            return DataChunk(self._normalized(chunk))
-        _check_data(chunk, self.max_text_line)
+            return DataChunk(self._normalized(chunk, mid_line))
+        self._clean_line_start = True
+        if not _only_crlf(chunk):
+            return self._refuse_data(clean=chunk.endswith(b"\r\n"))
         return DataChunk(chunk)
 
-    def _normalized(self, chunk: bytes) -> bytes:
+    def _refuse_data(self, *, clean: bool) -> DataRefused:
+        """Stop passing the message on; read on to the client's end of data, silently."""
+        self._mode = _Mode.DISCARD
+        self._clean_line_start = clean
+        return DataRefused(_bare_newline().reply)
+
+    def _next_discard(self) -> EndOfData | NeedData:
+        buf = self._buf
+        if self._clean_line_start and buf.startswith(b".\r\n"):
+            buf.take(3)
+            self._mode = _Mode.COMMAND
+            return EndOfData()
+        stop = buf.find(b"\r\n.\r\n")
+        if stop >= 0:
+            self.discarded += stop
+            buf.take(stop + 5)
+            self._mode = _Mode.COMMAND
+            return EndOfData()
+        # Keep what could be the start of the terminator.
+        drop = max(0, len(buf) - 4)
+        if drop:
+            self.discarded += drop
+            buf.take(drop)
+            self._clean_line_start = False
+        return NEED_DATA
+
+    def _normalized(self, chunk: bytes, mid_line: bool) -> bytes:
         """``chunk`` (whole lines, any line ends) with CRLF line ends and every "." line
         stuffed: the first CRLF "." CRLF is never inside a chunk, so any "." line here is
-        one the client did not send as an end of data."""
+        one the client did not send as an end of data. After a piece of a long line
+        (``mid_line``) the first line is that line's rest, not a line of its own."""
         clean = self._clean_line_start
         self._clean_line_start = chunk.endswith(b"\r\n")
-        lf = chunk.count(b"\n")
-        if clean and chunk.count(b"\r\n") == lf == chunk.count(b"\r"):
-            _check_data(chunk, self.max_text_line)  # the common case: already CRLF only
-            return chunk
+        if clean and _only_crlf(chunk):
+            return chunk  # the common case: already CRLF only
         lines = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
         lines.pop()  # the chunk ends with a line end
-        lines = [b".." if line == b"." else line for line in lines]
-        if max(map(len, lines)) + 2 > self.max_text_line:
-            raise _text_line_too_long()
+        first = int(mid_line)
+        lines[first:] = [b".." if line == b"." else line for line in lines[first:]]
         return b"\r\n".join(lines) + b"\r\n"
 
 
@@ -383,17 +488,10 @@ def _proxy_header_refused() -> ProtocolError:
     )
 
 
-def _text_line_too_long() -> ProtocolError:
-    return ProtocolError(Reply.make(554, "5.5.2 Message line too long"), fatal=True)
-
-
-def _check_data(chunk: bytes, max_line: int) -> None:
-    """``chunk`` is whole lines. Counting in C keeps this fast for large messages."""
+def _only_crlf(chunk: bytes) -> bool:
+    """No bare CR or LF in ``chunk``. Counting in C keeps this fast for large messages."""
     lf = chunk.count(b"\n")
-    if chunk.count(b"\r\n") != lf or chunk.count(b"\r") != lf:
-        raise _bare_newline()
-    if len(chunk) > max_line and max(map(len, chunk.split(b"\n"))) + 1 > max_line:
-        raise _text_line_too_long()
+    return chunk.count(b"\r\n") == lf == chunk.count(b"\r")
 
 
 # ---------------------------------------------------------------- MTA side
@@ -463,7 +561,9 @@ def ends_group(cmd: Command) -> bool:
 
 # ---------------------------------------------------------------- EHLO replies
 
-EARLY_PIPELINING_KEYWORDS: Final = frozenset({"PIPECONNECT", "PIPE_CONNECT", "X_PIPE_CONNECT"})
+# One keyword per Exim generation (EARLY_PIPE_FEATURE_NAME in its src/src/macros.h): 4.96+
+# PIPECONNECT, 4.94.1-4.95 PIPE_CONNECT, 4.92-4.94 X_PIPE_CONNECT. Each matches only its own.
+EARLY_PIPELINING_KEYWORDS: Final = ("PIPECONNECT", "PIPE_CONNECT", "X_PIPE_CONNECT")
 # Extensions only the proxy may use, or that a client must not see from the MTA directly.
 PROXY_ONLY_KEYWORDS: Final = frozenset({"XCLIENT", "XFORWARD", "STARTTLS"})
 

@@ -56,14 +56,14 @@ def identity_header(
 
 
 class Upstream:
-    def __init__(self, stream: trio.SocketStream, max_reply_line: int) -> None:
+    def __init__(self, stream: trio.SocketStream, max_reply_line: int, send_timeout: float) -> None:
         self.stream: trio.abc.Stream = stream
         self.tls = ""  # negotiated version once upstream STARTTLS is done
         self.replies = ReplyReader(max_line=max_reply_line)
         self.bytes_sent = 0
-        # Bound on one blocked send (the session sets its data-block timeout): an MTA that
-        # stops reading mid-message must not hold the session forever.
-        self.send_timeout = float("inf")
+        # Bound on one blocked send (the session's data-block timeout): an MTA that stops
+        # reading mid-message must not hold the session forever.
+        self.send_timeout = send_timeout
         # Bytes the client sent early that were already passed on (forward mode): when the
         # session relays them again they are skipped, so the MTA sees each byte once.
         self.skip = 0
@@ -95,6 +95,9 @@ class Upstream:
         self.bytes_sent += len(data)
 
     async def read_reply(self, timeout: float, what: str = "reply") -> Reply:
+        """The next reply, whole within ``timeout`` (not per read: an MTA trickling its
+        reply cannot stretch the wait)."""
+        deadline = trio.current_time() + timeout
         while True:
             try:
                 reply = self.replies.next_reply()
@@ -105,7 +108,7 @@ class Upstream:
             data = fastio.try_receive(self.stream, 65536)
             if data is None:
                 data = b""
-                with trio.move_on_after(timeout) as scope:
+                with trio.move_on_at(deadline) as scope:
                     try:
                         data = await fastio.receive_some(self.stream, 65536)
                     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -147,6 +150,7 @@ async def connect(
     local: Endpoint,
     connect_timeout: float,
     max_reply_line: int,
+    send_timeout: float,
     tlvs: Sequence[tuple[int, bytes]] = (),
 ) -> Upstream:
     """Open the MTA connection and write the PROXY header, alone in its own segment:
@@ -158,7 +162,7 @@ async def connect(
             raise UpstreamError("upstream-down", f"connect failed: {exc.strerror or exc}") from exc
     if scope.cancelled_caught:
         raise UpstreamError("upstream-down", f"connect timed out after {connect_timeout:g}s")
-    up = Upstream(stream, max_reply_line)
+    up = Upstream(stream, max_reply_line, send_timeout)
     header = identity_header(identity, client, local, tlvs)
     if header:
         try:

@@ -120,7 +120,8 @@ async def test_no_pipelining_upstream_gets_one_command_at_a_time() -> None:
         replies = await c.replies_n(5)
         assert [r.code for r in replies] == [220, 250, 250, 250, 354]
         assert b"PIPELINING" in [ln.split(b" ")[0] for ln in replies[1].lines]
-        await c.stream.send_all(MESSAGE + b".\r\nRSET\r\nNOOP\r\nQUIT\r\n")
+        # (RSET, not NOOP: a client must wait for NOOP's reply, RFC 2920 3.1)
+        await c.stream.send_all(MESSAGE + b".\r\nRSET\r\nRSET\r\nQUIT\r\n")
         assert [r.code for r in await c.replies_n(4)] == [250, 250, 250, 221]
     assert mta.violations == []
     assert mta.messages == [MESSAGE]
@@ -250,20 +251,36 @@ async def test_proxy_only_commands_refused_locally() -> None:
     assert not any(b"XCLIENT" in cmd or b"STARTTLS" in cmd for cmd in mta.commands)
 
 
-async def test_bare_lf_in_message_refused_and_never_completed() -> None:
+async def test_bare_lf_in_message_refused_after_its_end_and_never_completed() -> None:
     mta = FakeMTA()
-    async with running(mta) as (port, _):
+    async with running(mta, limits={"bare_newline": "reject"}) as (port, _):
         c = await connect(port)
         await c.reply()
         await c.stream.send_all(b"EHLO me.test\r\n")
         await c.reply()
         await c.stream.send_all(ENVELOPE)
         await c.replies_n(3)
-        await c.stream.send_all(b"Subject: x\r\n\r\nhello\n.\nMAIL FROM:<evil@x>\r\n.\r\n")
+        await c.stream.send_all(b"Subject: x\r\n\r\nhello\n.\nMAIL FROM:<evil@x>\r\n")
+        with pytest.raises(trio.TooSlowError):  # no reply before the end of data
+            await c.reply(timeout=0.3)
+        await c.stream.send_all(b"more\r\n.\r\n")
         reply = await c.reply()
         assert reply is not None and reply.code == 554
+        assert await c.reply() is None  # and the session ends
     assert mta.messages == []
     assert not any(b"evil" in cmd for cmd in mta.commands)
+
+
+async def test_bare_lf_in_message_normalized_by_default() -> None:
+    mta = FakeMTA()
+    async with running(mta) as (port, _):
+        c = await connect(port)
+        await c.stream.send_all(b"EHLO me.test\r\n" + ENVELOPE)
+        await c.replies_n(5)
+        await c.stream.send_all(b"Subject: x\r\n\r\nhello\n.\nMAIL FROM:<evil@x>\r\n.\r\n")
+        reply = await c.reply()
+        assert reply is not None and reply.code == 250
+    assert mta.messages == [b"Subject: x\r\n\r\nhello\r\n..\r\nMAIL FROM:<evil@x>\r\n"]
 
 
 async def test_bdat_relayed_by_length() -> None:
@@ -333,19 +350,24 @@ async def test_forwarded_early_input_in_pieces_reaches_mta_once() -> None:
         c = await connect(port)
         await c.stream.send_all(b"EHLO me.te")
         await trio.sleep(0.05)
-        await c.stream.send_all(b"st\r\nNOOP\r\n")
+        await c.stream.send_all(b"st\r\nRSET\r\n")
         await trio.sleep(0.05)
         await c.stream.send_all(b"QUIT\r\n")
         assert [r.code for r in await c.replies_n(4)] == [220, 250, 250, 221]
-    assert mta.commands == [b"EHLO me.test\r\n", b"NOOP\r\n", b"QUIT\r\n"]
+    assert mta.commands == [b"EHLO me.test\r\n", b"RSET\r\n", b"QUIT\r\n"]
 
 
-async def test_forward_never_passes_proxy_only_commands() -> None:
+@pytest.mark.parametrize(
+    "line",
+    [b"XCLIENT ADDR=10.0.0.1", b"XCLIENT\tADDR=10.0.0.1", b" XCLIENT ADDR=10.0.0.1", b"DATA\t"],
+    ids=repr,
+)
+async def test_forward_never_passes_proxy_only_commands(line: bytes) -> None:
     mta = FakeMTA(banner_delay=0.3)
     pc = {"advertise_hosts": [], "unadvertised_early_input": "forward"}
     async with running(mta, pipe_connect=pc) as (port, metrics):
         c = await connect(port)
-        await c.stream.send_all(b"EHLO me.test\r\nXCLIENT ADDR=10.0.0.1\r\n")
+        await c.stream.send_all(b"EHLO me.test\r\n" + line + b"\r\n")
         reply = await c.reply()
         assert reply is not None and reply.code == 421
         await trio.sleep(0.4)

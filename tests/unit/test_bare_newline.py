@@ -9,24 +9,25 @@ reported -- the client's own CRLF "." CRLF.
 from __future__ import annotations
 
 import re
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.smtp import Command, CommandReader, DataChunk, EndOfData
+from proxy.smtp import DATA_PIECE, Command, CommandReader, DataChunk, EndOfData
 
-from .test_smtp import BARE_NEWLINE, SMUGGLING_ENDINGS, Err, Event, bytewise, cmd, drive, merged
+from .test_smtp import BARE_NEWLINE, SMUGGLING_ENDINGS, Event, bytewise, cmd, drive, merged
 
 SMUGGLED = b"MAIL FROM:<admin@bank.example>\r\nRCPT TO:<victim@example.org>\r\nDATA\r\n"
 
 
-def normalizing(**limits: int) -> CommandReader:
-    return CommandReader(bare_newline="normalize", **limits)
+def normalizing() -> CommandReader:
+    return CommandReader(bare_newline="normalize")
 
 
-def run(chunks: list[bytes], **limits: int) -> list[Event]:
-    return merged(drive(chunks, reader=normalizing(**limits)))
+def run(chunks: list[bytes]) -> list[Event]:
+    return merged(drive(chunks, reader=normalizing()))
 
 
 def splits(stream: bytes) -> list[list[bytes]]:
@@ -135,14 +136,11 @@ def test_commands_stay_strict() -> None:
     assert drive([b"NOOP\n"], reader=normalizing()) == [BARE_NEWLINE]
 
 
-def test_line_length_counted_after_normalising() -> None:
-    limit = 20
-    ok = b"y" * (limit - 2) + b"\n"  # becomes exactly limit octets with CRLF
-    too_long = b"y" * (limit - 1) + b"\r"
-    for chunks in splits(b"DATA\r\n" + ok + b"x\r\n.\r\n"):
-        assert run(chunks, max_text_line=limit)[-1] == EndOfData()
-    for chunks in splits(b"DATA\r\n" + too_long + b"x\r\n.\r\n"):
-        assert run(chunks, max_text_line=limit)[-1] == Err(554, True)
+def test_long_line_with_a_bare_line_end_is_passed_on_whole() -> None:
+    line = b"y" * (3 * DATA_PIECE + 5)
+    for chunks in splits(b"DATA\r\n" + line + b"\n.\nx\r\n.\r\n"):
+        events = run(chunks)
+        assert events == [cmd(b"DATA\r\n"), DataChunk(line + b"\r\n..\r\nx\r\n"), EndOfData()]
 
 
 # -- properties
@@ -168,13 +166,21 @@ _messages = st.lists(_framing, max_size=40).map(b"".join)
 
 
 @settings(max_examples=400, deadline=None)
-@given(message=_messages, data=st.data())
-def test_mta_sees_only_the_proxys_end_of_data(message: bytes, data: st.DataObject) -> None:
+@given(message=_messages, data=st.data(), piece=st.sampled_from([DATA_PIECE, 1, 2, 5]))
+def test_mta_sees_only_the_proxys_end_of_data(
+    message: bytes, data: st.DataObject, piece: int
+) -> None:
+    # A small DATA_PIECE cuts long lines everywhere: pieces must not change what leaves.
+    with mock.patch("proxy.smtp.DATA_PIECE", piece):
+        _check_end_of_data(message, data)
+
+
+def _check_end_of_data(message: bytes, data: st.DataObject) -> None:
     message += b"\r\n.\r\nQUIT\r\n"  # always a real end somewhere
     stream = b"DATA\r\n" + message
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6)))
     chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
-    events = drive(chunks, reader=normalizing(max_text_line=100_000))
+    events = drive(chunks, reader=normalizing())
     assert events[0] == cmd(b"DATA\r\n")
     end = next(i for i, e in enumerate(events) if isinstance(e, EndOfData))
     chunks_out = events[1:end]
@@ -188,14 +194,17 @@ def test_mta_sees_only_the_proxys_end_of_data(message: bytes, data: st.DataObjec
     want = [b".." if line == b"." else line for line in lines]
     assert sent == b"".join(line + b"\r\n" for line in want)
     # after the end, commands resume exactly where the client's real end of data was
-    after = b"".join(e.raw for e in events[end + 1 :] if hasattr(e, "raw"))
-    assert rest.startswith(after)
+    # (a line refused as a command, e.g. ".", leaves no raw bytes: the rest keep their order)
+    pos = 0
+    for e in events[end + 1 :]:
+        if isinstance(e, Command):
+            pos = rest.index(e.raw, pos) + len(e.raw)
 
 
 @settings(max_examples=200, deadline=None)
 @given(message=st.binary(max_size=300))
 def test_any_bytes_never_leak_a_bare_line_end(message: bytes) -> None:
-    events = drive(bytewise(b"DATA\r\n" + message), reader=normalizing(max_text_line=100_000))
+    events = drive(bytewise(b"DATA\r\n" + message), reader=normalizing())
     sent = b"".join(e.data for e in events if isinstance(e, DataChunk))
     assert not has_bare(sent)
     assert mta_end_of_data(sent) == -1  # the end of data, if any, is an event, never in data

@@ -223,7 +223,7 @@ def test_defaults() -> None:
         "defer",
         65536,
     )
-    assert config.limits == LimitsConfig(512, 1000, 4096, 100, 1000, 50, "reject")
+    assert config.limits == LimitsConfig(512, None, 4096, 100, 1000, 50, "normalize")
     # RFC 5321 4.5.3.2: 5 min banner/MAIL/RCPT/server, 2 min DATA init, 3 min block, 10 min end
     assert config.timeouts == TimeoutsConfig(
         banner=300.0,
