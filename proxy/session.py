@@ -267,8 +267,9 @@ class Session:
         self._replaying = False  # commands held before the banner are being replayed
         self._stop = trio.CancelScope()  # cancelled by shutdown() when the drain grace ends
         # An end of data (or BDAT LAST) has gone to the MTA and its verdict is not yet with
-        # the client: shutdown() waits for it, or a retry would duplicate the message.
-        self._verdict_pending = False
+        # the client ("awaited" from the MTA, then "queued" until a send has carried it):
+        # shutdown() waits for it, or the client's retry would duplicate the message.
+        self._verdict = ""
         self._stop_after_verdict = False
         self._client_send_cut = False  # a cancelled send left a partial reply on the wire
         # The wait for the next unit of client input (CommandReader.units) ends here.
@@ -291,7 +292,7 @@ class Session:
     def shutdown(self) -> None:
         """End the session with a 421 (the proxy is stopping and the grace is over): now,
         or right after relaying the verdict on a message the MTA already has in full."""
-        if self._verdict_pending:
+        if self._verdict:
             self._stop_after_verdict = True
         else:
             self._stop.cancel()
@@ -699,7 +700,7 @@ class Session:
                     await self._close_client(refused)
                     raise _End("protocol-error")
                 # The last chunk and the terminator in one write (one segment, one syscall).
-                self._verdict_pending = True
+                self._verdict = "awaited"
                 await up.send(bytes(pending + event.raw))
                 reply = await up.read_reply(self.cfg.timeouts.data_term, "end of data reply")
                 await self._message_done(reply)
@@ -719,11 +720,12 @@ class Session:
                 self.log.bytes_in += len(event.data)
                 self.metrics.message_bytes.inc(len(event.data))
                 if last and not self.reader.bdat_left:
-                    self._verdict_pending = True  # these octets complete the message
+                    self._verdict = "awaited"  # these octets complete the message
                 await up.send(event.data)
             elif isinstance(event, BdatEnd):
                 timeout = self.cfg.timeouts.data_term if event.last else self._timeout(cmd)
-                self._verdict_pending = event.last
+                if event.last:
+                    self._verdict = "awaited"
                 reply = await up.read_reply(timeout, "BDAT reply")
                 if event.last:
                     await self._message_done(reply)
@@ -739,12 +741,12 @@ class Session:
         if reply.code == 250:
             self.log.messages += 1
             self.metrics.messages.inc()
-        self._verdict_pending = False
+        self._verdict = "queued"
         await self._mta_reply(reply, "end of data")
         if self._stop_after_verdict:
-            # Draining: the verdict reaches the client before the 421 does.
+            # Draining: the verdict reaches the client before the 421 does (_flush then
+            # lets the drain's cancellation in).
             await self._flush()
-            self._stop.cancel()
             await trio.lowlevel.checkpoint()
 
     async def _mta_reply(self, reply: Reply, verb: str = "") -> None:
@@ -815,12 +817,18 @@ class Session:
             return
         data, self.out = bytes(self.out), bytearray()
         sent = fastio.try_send(self.client_stream, data)
-        if sent == len(data):
-            return
+        if sent < len(data):
+            await self._send_rest(data[sent:])
+        if self._verdict == "queued":  # carried: the drain may cut in again
+            self._verdict = ""
+            if self._stop_after_verdict:
+                self._stop.cancel()
+
+    async def _send_rest(self, data: bytes) -> None:
         timeout = self.cfg.timeouts.command
         with trio.move_on_after(timeout) as scope:
             try:
-                await fastio.send_all(self.client_stream, data[sent:])
+                await fastio.send_all(self.client_stream, data)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise _ClientGone() from exc
             except trio.Cancelled:
