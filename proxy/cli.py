@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
+import os
 import sys
 
 import trio
@@ -13,52 +15,84 @@ from .client import EarlyPipeliningClient
 from .config import Address, Config, ConfigError, load_config
 from .demomta import DemoMessage, DemoMTA
 from .listen import dual_stack
-from .metrics import Metrics
+from .metrics import VERSION, Metrics
 from .probe import ProbeError, parse_target, probe
 from .server import run_until_signal, serve
 from .smtp import EARLY_PIPELINING_KEYWORDS
+from .tls import TLSConfigError
 
 log = logging.getLogger("pipeconnect")
 
 
 def _setup_logging(level: str) -> None:
+    # Under systemd stderr is the journal (JOURNAL_STREAM set), which stamps every line.
+    stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
     logging.basicConfig(
         stream=sys.stderr,
         level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        format=stamp + "%(levelname)s %(name)s %(message)s",
     )
+
+
+def _error_lines(exc: ConfigError, path: str) -> list[str]:
+    """One ``FILE: KEY: MESSAGE`` line per error (file-level errors are keyed by the file)."""
+    return [str(e) if e.key == path else f"{path}: {e}" for e in exc.errors]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        print(f"pipeconnect-proxy: {exc}", file=sys.stderr)
+        for line in _error_lines(exc, args.config):
+            print(f"pipeconnect-proxy: {line}", file=sys.stderr)
         return 2
     if args.log_format:
         config = dataclasses.replace(
             config, log=dataclasses.replace(config.log, format=args.log_format)
         )
     _setup_logging(args.log_level)
-    if config.server.workers > 1:
-        from .workers import run as run_workers  # forks: import only when used
+    log.info("pipeconnect-proxy %s, configuration %s", VERSION, args.config)
+    try:
+        if config.server.workers > 1:
+            from .workers import run as run_workers  # forks: import only when used
 
-        return run_workers(config, args.config)
-    trio.run(run_until_signal, config, Metrics(), args.config)
+            return run_workers(config, args.config)
+        trio.run(run_until_signal, config, Metrics(), args.config)
+    except TLSConfigError as exc:  # e.g. a key file the service user cannot read
+        print(f"pipeconnect-proxy: {args.config}: tls: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """Every error in the file (exit 1), or a summary of what it sets up (exit 0)."""
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        print(f"{args.config}: {exc}", file=sys.stderr)
+        if args.json:
+            errors = [{"key": e.key, "message": e.message} for e in exc.errors]
+            print(json.dumps({"ok": False, "file": args.config, "errors": errors}, indent=2))
+        else:
+            print("\n".join(_error_lines(exc, args.config)), file=sys.stderr)
         return 1
-    listed = config.listen.plain + config.listen.tls_on_connect
+    listen = config.listen
+    listed = listen.plain + listen.tls_on_connect
+    if args.json:
+        summary = {
+            "ok": True,
+            "file": args.config,
+            "plain": [str(a) for a in listen.plain],
+            "tls_on_connect": [str(a) for a in listen.tls_on_connect],
+            "dual_stack": [str(a) for a in listed if dual_stack(a, listed)],
+            "upstream": str(config.upstream.address),
+            "client_identity": config.upstream.client_identity,
+            "metrics": None if config.metrics.listen is None else str(config.metrics.listen),
+            "workers": config.server.workers,
+        }
+        print(json.dumps(summary, indent=2))
+        return 0
     listeners = (
-        ", ".join(
-            f"{a} (IPv6 and IPv4)" if dual_stack(a, listed) else str(a) for a in config.listen.plain
-        )
+        ", ".join(f"{a} (IPv6 and IPv4)" if dual_stack(a, listed) else str(a) for a in listen.plain)
         or "none"
     )
     print(f"{args.config}: OK (plain: {listeners}; upstream {config.upstream.address})")
@@ -84,6 +118,8 @@ async def _demo(rounds: int) -> None:
                 base.listen, plain=(Address("127.0.0.1", 0),), tcp_fastopen=False
             ),
             upstream=dataclasses.replace(base.upstream, address=Address("127.0.0.1", mta_port)),
+            # No metrics port: a fixed one could be taken (and the demo prints what it saw).
+            metrics=dataclasses.replace(base.metrics, listen=None),
         )
         metrics = Metrics()
         bound = await nursery.start(serve, config, metrics)
@@ -134,14 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipeconnect-proxy", description="Early-pipelining SMTP proxy"
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("serve", help="run the proxy in the foreground until SIGTERM/SIGINT")
     p.add_argument("--config", required=True)
     p.add_argument("--log-format", choices=["text", "json"])
     p.set_defaults(func=cmd_serve)
-    p = sub.add_parser("check-config", help="validate a configuration file")
+    p = sub.add_parser("check-config", help="validate a configuration file, reporting every error")
     p.add_argument("config")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_check_config)
     p = sub.add_parser("demo", help="run the proxy in front of a built-in MTA and show it work")
     p.add_argument("--rounds", type=int, default=2)

@@ -2,8 +2,9 @@
 
 Every error is a ``ConfigError`` whose text starts with the dotted key it is about
 (``upstream.client_identity: must be one of ...``), so an operator can fix the file without
-reading code. Unknown keys are errors rather than warnings: a misspelt key silently falling back
-to its default is exactly the mistake that goes unnoticed until traffic suffers.
+reading code; a file is checked whole and all its errors come in one ``ConfigErrors``, so one
+edit can fix them all. Unknown keys are errors rather than warnings: a misspelt key silently
+falling back to its default is exactly the mistake that goes unnoticed until traffic suffers.
 
 The result is immutable (frozen dataclasses, tuples, ``HostList``) so a reload can build a new
 snapshot and swap one reference while running sessions keep the one they started with.
@@ -16,12 +17,12 @@ import ipaddress
 import math
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, TypeVar
 
-from .errors import ConfigError
+from .errors import ConfigError, ConfigErrors
 from .hosts import HostEntry, HostList
 from .smtp import EARLY_PIPELINING_KEYWORDS
 
@@ -36,6 +37,7 @@ __all__ = [
     "ClientIdentity",
     "Config",
     "ConfigError",
+    "ConfigErrors",
     "EarlyInputPolicy",
     "LimitsConfig",
     "ListenConfig",
@@ -189,76 +191,136 @@ class Config:
 
 
 def load_config(path: str | Path) -> Config:
-    """Read and validate one TOML file. File-level errors are keyed by the file name."""
+    """Read and validate one TOML file. File-level errors are keyed by the file name.
+
+    Raises ``ConfigErrors`` with every error found (see ``parse_config``)."""
     name = str(path)
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
-        raise ConfigError(name, f"cannot read: {exc.strerror or exc}") from None
+        raise _errors([ConfigError(name, f"cannot read: {exc.strerror or exc}")], name) from None
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
-        raise ConfigError(name, f"not valid UTF-8: {exc}") from None
+        raise _errors([ConfigError(name, f"not valid UTF-8: {exc}")], name) from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(name, f"TOML syntax error: {exc}") from None
+        raise _errors([ConfigError(name, f"TOML syntax error: {exc}")], name) from None
     return parse_config(data, name)
 
 
 def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
-    """Validate already-parsed TOML. ``source`` is recorded on errors as ``exc.source``."""
-    try:
-        return _parse(data, source)
-    except ConfigError as exc:
-        exc.source = source
-        raise
+    """Validate already-parsed TOML, reporting every error at once, not only the first.
 
-
-def _parse(data: Mapping[str, Any], source: str) -> Config:
-    if not isinstance(data, Mapping):
-        raise ConfigError(source, f"must be a table, not {_tname(data)}")
-    _reject_unknown(data, "", _SECTIONS)
-    if "listen" not in data:
-        raise ConfigError("listen", _NEED_LISTENER)
-    if "upstream" not in data:
-        raise ConfigError("upstream.address", "is required")
-    # Build in a fixed order so the first error reported does not depend on key order.
-    sections = {
-        name: _section(cls, data[name], name, parsers, required)
-        for name, (cls, parsers, required) in _SECTIONS.items()
-        if name in data
-    }
-    config = Config(**sections)
-    _check(config)
+    Raises ``ConfigErrors`` (``source`` recorded as ``exc.source``). Order: the file's, i.e.
+    tables and keys as they first appear (array items by index); then required keys of tables
+    the file lacks; then the rules that involve several keys, each skipped while a key it reads
+    is itself bad (its default would make the rule's verdict meaningless).
+    """
+    problems = _Problems()
+    config = _parse(data, source, problems)
+    if problems.errors:
+        raise _errors(problems.errors, source)
     return config
+
+
+def _errors(errors: list[ConfigError], source: str) -> ConfigErrors:
+    exc = ConfigErrors(errors)
+    exc.source = source
+    return exc
+
+
+class _Problems:
+    """Errors found so far, and the keys they left at their defaults (which rules skip)."""
+
+    def __init__(self) -> None:
+        self.errors: list[ConfigError] = []
+        self.bad: set[str] = set()
+
+    def add(self, exc: ConfigError, key: str) -> None:
+        self.errors.extend(exc.errors)
+        self.bad.add(key)
+
+    def usable(self, *keys: str) -> bool:
+        """Whether every dotted key (``tls.key``) came from the file intact or is a default."""
+        return not any(k in self.bad or k.partition(".")[0] in self.bad for k in keys)
+
+
+def _parse(data: Mapping[str, Any], source: str, problems: _Problems) -> Config:
+    if not isinstance(data, Mapping):
+        problems.add(ConfigError(source, f"must be a table, not {_tname(data)}"), source)
+        return Config()
+    sections: dict[str, Any] = {}
+    for name, raw in data.items():
+        spec = _SECTIONS.get(name)
+        if spec is None:
+            problems.add(_unknown(name, "", _SECTIONS), name)
+        elif not isinstance(raw, dict):
+            problems.add(ConfigError(name, f"must be a table, not {_tname(raw)}"), name)
+        else:
+            sections[name] = _section(spec, raw, name, problems)
+    for name, (_, _, required) in _SECTIONS.items():
+        if name not in data:
+            for key in required:
+                problems.add(ConfigError(f"{name}.{key}", "is required"), f"{name}.{key}")
+    config = Config(**sections)
+    problems.errors.extend(_check(config, problems.usable))
+    return config
+
+
+def _section(spec: _Section, raw: Mapping[str, Any], name: str, problems: _Problems) -> Any:
+    cls, parsers, required = spec
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        parser = parsers.get(key)
+        if parser is None:
+            problems.add(_unknown(key, f"{name}.", parsers), f"{name}.{key}")
+            continue
+        try:
+            kwargs[key] = parser(value, f"{name}.{key}")
+        except ConfigError as exc:
+            problems.add(exc, f"{name}.{key}")
+    for key in required:
+        if key not in raw:
+            problems.add(ConfigError(f"{name}.{key}", "is required"), f"{name}.{key}")
+    return cls(**kwargs)
 
 
 _NEED_LISTENER = "at least one listener is required (plain or tls_on_connect)"
 
 
-def _check(config: Config) -> None:
+def _check(config: Config, usable: Callable[..., bool]) -> Iterator[ConfigError]:
     """Rules that involve more than one key."""
     listen = config.listen
-    if not listen.plain and not listen.tls_on_connect:
-        raise ConfigError("listen", _NEED_LISTENER)
+    if (
+        usable("listen.plain", "listen.tls_on_connect")
+        and not listen.plain
+        and not listen.tls_on_connect
+    ):
+        yield ConfigError("listen", _NEED_LISTENER)
     # Port 0 (any free port) never conflicts; otherwise one address, one role.
     seen: dict[Address, str] = {}
-    bound = [(f"listen.plain[{i}]", a) for i, a in enumerate(listen.plain)]
-    bound += [(f"listen.tls_on_connect[{i}]", a) for i, a in enumerate(listen.tls_on_connect)]
-    if config.metrics.listen is not None:
+    bound: list[tuple[str, Address]] = []
+    if usable("listen.plain"):
+        bound += [(f"listen.plain[{i}]", a) for i, a in enumerate(listen.plain)]
+    if usable("listen.tls_on_connect"):
+        bound += [(f"listen.tls_on_connect[{i}]", a) for i, a in enumerate(listen.tls_on_connect)]
+    if config.metrics.listen is not None and usable("metrics.listen"):
         bound.append(("metrics.listen", config.metrics.listen))
     for key, address in bound:
         if address.port == 0:
             continue
         if address in seen:
-            raise ConfigError(key, f"'{address}' is already used by {seen[address]}")
-        seen[address] = key
+            yield ConfigError(key, f"'{address}' is already used by {seen[address]}")
+        else:
+            seen[address] = key
     tls = config.tls
-    if tls.certificate and not tls.key:
-        raise ConfigError("tls.key", "is required when tls.certificate is set")
-    if tls.key and not tls.certificate:
-        raise ConfigError("tls.certificate", "is required when tls.key is set")
-    if listen.tls_on_connect and not tls.certificate:
-        raise ConfigError("listen.tls_on_connect", "needs tls.certificate and tls.key")
+    if usable("tls.certificate", "tls.key"):
+        if tls.certificate and not tls.key:
+            yield ConfigError("tls.key", "is required when tls.certificate is set")
+        elif tls.key and not tls.certificate:
+            yield ConfigError("tls.certificate", "is required when tls.key is set")
+        elif listen.tls_on_connect and not tls.certificate and usable("listen.tls_on_connect"):
+            yield ConfigError("listen.tls_on_connect", "needs tls.certificate and tls.key")
 
 
 # --- generic section handling ------------------------------------------------------------------
@@ -266,6 +328,7 @@ def _check(config: Config) -> None:
 _T = TypeVar("_T")
 _S = TypeVar("_S", bound=str)
 _Parser = Callable[[Any, str], Any]
+_Section = tuple[type[Any], dict[str, _Parser], tuple[str, ...]]
 
 
 def _tname(value: object) -> str:
@@ -275,25 +338,24 @@ def _tname(value: object) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def _reject_unknown(table: Mapping[str, Any], prefix: str, known: Mapping[str, Any]) -> None:
-    for name in table:
-        if name not in known:
-            close = difflib.get_close_matches(name, list(known), n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
-            raise ConfigError(f"{prefix}{name}", f"unknown key ({hint})")
+def _unknown(name: str, prefix: str, known: Mapping[str, Any]) -> ConfigError:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
+    return ConfigError(f"{prefix}{name}", f"unknown key ({hint})")
 
 
-def _section(
-    cls: type[_T], raw: Any, key: str, parsers: Mapping[str, _Parser], required: tuple[str, ...]
-) -> _T:
-    if not isinstance(raw, dict):
-        raise ConfigError(key, f"must be a table, not {_tname(raw)}")
-    _reject_unknown(raw, f"{key}.", parsers)
-    for name in required:
-        if name not in raw:
-            raise ConfigError(f"{key}.{name}", "is required")
-    kwargs = {name: parsers[name](raw[name], f"{key}.{name}") for name in parsers if name in raw}
-    return cls(**kwargs)
+def _each(parse: Callable[[Any, str], _T], value: Any, key: str) -> tuple[_T, ...]:
+    """Parse every item of an array (keyed ``key[i]``), reporting every bad item at once."""
+    items: list[_T] = []
+    errors: list[ConfigError] = []
+    for i, item in enumerate(_list(value, key)):
+        try:
+            items.append(parse(item, f"{key}[{i}]"))
+        except ConfigError as exc:
+            errors.append(exc)
+    if errors:
+        raise ConfigErrors(errors)
+    return tuple(items)
 
 
 # --- value parsers -----------------------------------------------------------------------------
@@ -398,7 +460,7 @@ def _is_ipv6(text: str) -> bool:
 
 def _listeners(value: Any, key: str) -> tuple[Address, ...]:
     # Port 0 is allowed for listeners: "any free port", which tests and demos rely on.
-    return tuple(_address(v, f"{key}[{i}]") for i, v in enumerate(_list(value, key)))
+    return _each(_address, value, key)
 
 
 def _upstream_address(value: Any, key: str) -> Address:
@@ -410,29 +472,39 @@ def _metrics_listen(value: Any, key: str) -> Address | None:
 
 
 def _hosts(value: Any, key: str) -> HostList:
-    items = [_string(v, f"{key}[{i}]") for i, v in enumerate(_list(value, key))]
-    return HostList.parse(items, key)
+    return HostList(_each(_host, value, key))
+
+
+def _host(value: Any, key: str) -> HostEntry:
+    try:
+        (entry,) = HostList.parse([_string(value, key)], key).entries
+    except ConfigError as exc:  # HostList.parse named it key[0]: this item parsed alone
+        raise ConfigError(key, exc.message) from None
+    return entry
 
 
 _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*", re.ASCII)
 
 
 def _keywords(value: Any, key: str) -> tuple[str, ...]:
-    items = _list(value, key)
-    if not items:
-        raise ConfigError(key, "must not be empty")
     seen: set[str] = set()
-    for i, item in enumerate(items):
-        word = _string(item, f"{key}[{i}]")
+
+    def keyword(item: Any, item_key: str) -> str:
+        word = _string(item, item_key)
         if not _KEYWORD.fullmatch(word):
-            raise ConfigError(f"{key}[{i}]", f"{word!r} is not an EHLO keyword ([A-Za-z0-9_-])")
+            raise ConfigError(item_key, f"{word!r} is not an EHLO keyword ([A-Za-z0-9_-])")
         if word.upper() in seen:  # EHLO keywords are case-insensitive
-            raise ConfigError(f"{key}[{i}]", f"{word!r} is listed twice")
+            raise ConfigError(item_key, f"{word!r} is listed twice")
         seen.add(word.upper())
-    return tuple(items)
+        return word
+
+    words = _each(keyword, value, key)
+    if not words:
+        raise ConfigError(key, "must not be empty")
+    return words
 
 
-_SECTIONS: dict[str, tuple[type[Any], dict[str, _Parser], tuple[str, ...]]] = {
+_SECTIONS: dict[str, _Section] = {
     "listen": (
         ListenConfig,
         {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class ConfigError(ValueError):
     """An invalid setting. ``str()`` is ``"<key>: <message>"`` so the operator sees where.
@@ -18,3 +20,29 @@ class ConfigError(ValueError):
         super().__init__(f"{key}: {message}")
         self.key = key
         self.message = message
+
+    @property
+    def errors(self) -> tuple[ConfigError, ...]:
+        """Every single error this stands for, so callers need not tell the two kinds apart."""
+        return (self,)
+
+
+class ConfigErrors(ConfigError):
+    """Several invalid settings, all found in one pass (what ``load_config`` raises).
+
+    ``str()`` joins every error with ``"; "`` (one log line, and ``pytest.raises(match=...)``
+    sees them all); ``key`` and ``message`` are the first error's.
+    """
+
+    def __init__(self, errors: Sequence[ConfigError]) -> None:
+        # Flattened: a parser may itself raise ConfigErrors (every bad item of an array).
+        self._errors = tuple(e for error in errors for e in error.errors)
+        if not self._errors:
+            raise ValueError("ConfigErrors needs at least one error")
+        first = self._errors[0]
+        super().__init__(first.key, first.message)
+        self.args = ("; ".join(str(e) for e in self._errors),)
+
+    @property
+    def errors(self) -> tuple[ConfigError, ...]:
+        return self._errors

@@ -12,7 +12,9 @@ from __future__ import annotations
 import socket
 import struct
 import time
+import tomllib
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
@@ -39,10 +41,24 @@ _SHORT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 
 NAMESPACE = "pipeconnect"
 
-try:
-    VERSION = version("pipeconnect-proxy")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    VERSION = "unknown"
+
+def package_version(dist: str = "pipeconnect-proxy") -> str:
+    """The installed distribution's version (``--version``, build info, the start-up log).
+
+    A source tree that was never installed has no metadata: its pyproject.toml says."""
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        pass
+    try:
+        with (Path(__file__).resolve().parent.parent / "pyproject.toml").open("rb") as f:
+            project = tomllib.load(f)["project"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return "unknown"
+    return str(project["version"]) if project.get("name") == dist else "unknown"
+
+
+VERSION = package_version()
 
 # Session outcomes that mean the TLS handshake with the client failed, and the reason label.
 _TLS_FAILURES = {"tls-failed": "handshake-error", "tls-timeout": "timeout"}

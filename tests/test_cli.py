@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 MINIMUM = """\
@@ -15,6 +17,36 @@ client_identity = "proxy-v2"
 [pipe_connect]
 advertise_hosts = ["*"]
 """
+
+
+# Eight errors in five tables; what check-config says of each, in file order.
+BAD = """\
+[listen]
+plain = ["0.0.0.0:25", "[::]:99999"]
+tcp_fastopen = "yes"
+[upstream]
+adress = "127.0.0.1:2525"
+client_identity = "haproxy"
+[pipe_connect]
+advertise_hosts = ["10.0.0.1/8", "*"]
+[limits]
+bare_newline = "strip"
+[tls]
+certificate = "/etc/pipeconnect/cert.pem"
+"""
+BAD_ERRORS = [
+    ("listen.plain[1]", "'[::]:99999': port must be in 0..65535"),
+    ("listen.tcp_fastopen", "must be true or false, not string"),
+    ("upstream.adress", "unknown key (did you mean 'address'?)"),
+    ("upstream.client_identity", "must be one of proxy-v1, proxy-v2, xclient, none"),
+    ("upstream.address", "is required"),
+    (
+        "pipe_connect.advertise_hosts[0]",
+        "'10.0.0.1/8' has host bits set (did you mean 10.0.0.0/8?)",
+    ),
+    ("limits.bare_newline", "must be one of reject, normalize"),
+    ("tls.key", "is required when tls.certificate is set"),
+]
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -60,6 +92,83 @@ def test_check_config_names_the_bad_key(tmp_path: Path) -> None:
     assert "upstream.client_identity" in result.stderr
 
 
+def test_version_is_the_package_metadata() -> None:
+    result = run("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"pipeconnect-proxy {version('pipeconnect-proxy')}\n"
+
+
+def test_check_config_reports_every_error(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.toml"
+    path.write_text(BAD)
+    result = run("check-config", str(path))
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"{path}: {key}: {message}" for key, message in BAD_ERRORS
+    ]
+
+
+def test_check_config_json_errors(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.toml"
+    path.write_text(BAD)
+    result = run("check-config", "--json", str(path))
+    assert result.returncode == 1
+    errors = [{"key": key, "message": message} for key, message in BAD_ERRORS]
+    assert json.loads(result.stdout) == {"ok": False, "file": str(path), "errors": errors}
+
+
+def test_check_config_json_file_level_error(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.toml"
+    path.write_text("[listen\n")
+    result = run("check-config", "--json", str(path))
+    assert result.returncode == 1
+    [error] = json.loads(result.stdout)["errors"]
+    assert error["key"] == str(path)
+    assert error["message"].startswith("TOML syntax error: ")
+    text = run("check-config", str(path))
+    assert text.stderr.startswith(f"{path}: TOML syntax error: ")  # the file named once
+
+
+def test_check_config_json_ok(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.toml"
+    path.write_text(MINIMUM.replace('"127.0.0.1:2587"', '"[::]:2587"'))
+    result = run("check-config", "--json", str(path))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {
+        "ok": True,
+        "file": str(path),
+        "plain": ["[::]:2587"],
+        "tls_on_connect": [],
+        "dual_stack": ["[::]:2587"],
+        "upstream": "127.0.0.1:2525",
+        "client_identity": "proxy-v2",
+        "metrics": "127.0.0.1:9464",
+        "workers": 1,
+    }
+
+
+def test_serve_reports_every_error(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.toml"
+    path.write_text(BAD)
+    result = run("serve", "--config", str(path))
+    assert result.returncode == 2
+    expected = [f"pipeconnect-proxy: {path}: {key}: {message}" for key, message in BAD_ERRORS]
+    assert result.stderr.splitlines() == expected
+
+
+def test_serve_with_an_unreadable_key_exits_cleanly(tmp_path: Path) -> None:
+    """A key file the service cannot read: one clear line and exit 2, not a traceback."""
+    path = tmp_path / "proxy.toml"
+    missing = tmp_path / "missing.pem"
+    tls = f'[tls]\ncertificate = "{missing}"\nkey = "{missing}"\n'
+    path.write_text(MINIMUM.replace("2587", "0") + tls + '[metrics]\nlisten = ""\n')
+    result = run("serve", "--config", str(path))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"{path}: tls: " in result.stderr and "cannot read" in result.stderr
+
+
 def test_serve_runs_until_sigterm(tmp_path: Path) -> None:
     import signal
     import socket
@@ -89,3 +198,4 @@ def test_serve_runs_until_sigterm(tmp_path: Path) -> None:
         proc.kill()
     assert proc.returncode == 0, err
     assert "SIGTERM: stopping" in err
+    assert f"pipeconnect-proxy {version('pipeconnect-proxy')}, configuration {path}" in err

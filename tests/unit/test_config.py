@@ -14,6 +14,7 @@ from proxy.config import (
     Address,
     Config,
     ConfigError,
+    ConfigErrors,
     LimitsConfig,
     ListenConfig,
     LogConfig,
@@ -50,6 +51,12 @@ def error(data: dict[str, Any]) -> str:
     with pytest.raises(ConfigError) as info:
         parse_config(data)
     return str(info.value)
+
+
+def error_keys(data: dict[str, Any]) -> list[str]:
+    with pytest.raises(ConfigErrors) as info:
+        parse_config(data)
+    return [e.key for e in info.value.errors]
 
 
 def write(tmp_path: Path, text: str, name: str = "proxy.toml") -> Path:
@@ -778,7 +785,10 @@ def test_parse_config_records_source() -> None:
 def test_empty_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, ""))
-    assert str(info.value) == "listen: at least one listener is required (plain or tls_on_connect)"
+    assert [str(e) for e in info.value.errors] == [
+        "upstream.address: is required",
+        "listen: at least one listener is required (plain or tls_on_connect)",
+    ]
 
 
 def test_toml_datetime_value_is_a_type_error(tmp_path: Path) -> None:
@@ -786,3 +796,111 @@ def test_toml_datetime_value_is_a_type_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert str(info.value) == "tls.certificate: must be a string, not date"
+
+
+# --- every error at once -----------------------------------------------------------------------
+
+# Thirteen errors in eight tables: per-value errors, unknown keys, a missing required key and
+# two cross-key rules.
+MANY_ERRORS = """\
+[listen]
+plain = ["127.0.0.1:2587", "127.0.0.1:99999", "localhost"]
+tls_on_connect = ["127.0.0.1:2465"]
+tcp_fastopen = "yes"
+
+[upstream]
+client_identity = "haproxy"
+conect_timeout = 5
+
+[pipe_connect]
+advertise_hosts = ["10.0.0.1/8", "*", "nope"]
+
+[limits]
+max_sessions = 0
+bare_newline = "strip"
+
+[timeouts]
+banner = -1
+
+[loggin]
+format = "json"
+
+[tls]
+certificate = "cert.pem"
+
+[metrics]
+listen = "127.0.0.1:2465"
+"""
+
+# File order (tables and keys as they first appear, array items by index); then the required
+# keys of tables the file lacks; then the cross-key rules.
+MANY_ERRORS_EXPECTED = [
+    "listen.plain[1]: '127.0.0.1:99999': port must be in 0..65535",
+    "listen.plain[2]: 'localhost' is not host:port (IPv6: [addr]:port)",
+    "listen.tcp_fastopen: must be true or false, not string",
+    "upstream.client_identity: must be one of proxy-v1, proxy-v2, xclient, none",
+    "upstream.conect_timeout: unknown key (did you mean 'connect_timeout'?)",
+    "upstream.address: is required",
+    "pipe_connect.advertise_hosts[0]: '10.0.0.1/8' has host bits set (did you mean 10.0.0.0/8?)",
+    "pipe_connect.advertise_hosts[2]: 'nope' is not an address or CIDR",
+    "limits.max_sessions: must be positive, not 0",
+    "limits.bare_newline: must be one of reject, normalize",
+    "timeouts.banner: must be a positive, finite number of seconds, not -1",
+    "loggin: unknown key (did you mean 'log'?)",
+    "metrics.listen: '127.0.0.1:2465' is already used by listen.tls_on_connect[0]",
+    "tls.key: is required when tls.certificate is set",
+]
+
+
+def test_every_error_at_once_in_file_order(tmp_path: Path) -> None:
+    path = write(tmp_path, MANY_ERRORS)
+    with pytest.raises(ConfigErrors) as info:
+        load_config(path)
+    exc = info.value
+    assert [str(e) for e in exc.errors] == MANY_ERRORS_EXPECTED
+    assert str(exc) == "; ".join(MANY_ERRORS_EXPECTED)  # one log line; match= sees them all
+    assert (exc.key, exc.source) == ("listen.plain[1]", str(path))  # key: the first error's
+    assert [e.key for e in exc.errors][-2:] == ["metrics.listen", "tls.key"]
+
+
+def test_order_follows_the_file_not_the_sections() -> None:
+    data = {"log": {"format": "xml"}, **base(upstream={"tls": "yes"})}
+    assert error_keys(data) == ["log.format", "upstream.tls"]
+
+
+def test_a_single_error_is_still_a_config_errors() -> None:
+    with pytest.raises(ConfigErrors) as info:
+        parse_config(base(log={"format": "xml"}))
+    assert str(info.value) == "log.format: must be one of text, json"
+    assert info.value.errors == (info.value.errors[0],)
+
+
+def test_rules_skip_keys_that_are_themselves_bad() -> None:
+    # plain[1] is bad, so plain stays empty: neither "no listener" nor a duplicate of plain[0].
+    data = base(listen={"plain": ["127.0.0.1:2587", 25]}, metrics={"listen": "127.0.0.1:2587"})
+    assert error(data) == "listen.plain[1]: must be a string, not integer"
+    data = base(listen={"tls_on_connect": ["127.0.0.1:2465"]}, tls={"certificate": 1})
+    assert error(data) == "tls.certificate: must be a string, not integer"
+
+
+def test_every_bad_array_item_is_reported() -> None:
+    data = base(pipe_connect={"keywords": ["PIPECONNECT", "bad word", 7, "pipeconnect"]})
+    assert error(data) == (
+        "pipe_connect.keywords[1]: 'bad word' is not an EHLO keyword ([A-Za-z0-9_-]); "
+        "pipe_connect.keywords[2]: must be a string, not integer; "
+        "pipe_connect.keywords[3]: 'pipeconnect' is listed twice"
+    )
+
+
+def test_every_duplicate_address_is_reported() -> None:
+    data = base(listen={"plain": ["127.0.0.1:2587"] * 3}, metrics={"listen": "127.0.0.1:2587"})
+    assert error_keys(data) == ["listen.plain[1]", "listen.plain[2]", "metrics.listen"]
+
+
+def test_config_errors_needs_an_error_and_flattens() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        ConfigErrors([])
+    inner = ConfigErrors([ConfigError("a", "1"), ConfigError("b", "2")])
+    outer = ConfigErrors([inner, ConfigError("c", "3")])
+    assert [e.key for e in outer.errors] == ["a", "b", "c"]
+    assert isinstance(outer, ConfigError) and isinstance(outer, ValueError)
