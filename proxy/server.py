@@ -14,6 +14,7 @@ from pathlib import Path
 
 import trio
 
+from . import notify
 from .config import Address, Config, ConfigError, load_config
 from .httpd import Health, serve_http
 from .listen import AcceptErrors, open_listeners, serve_listeners
@@ -278,12 +279,15 @@ async def serve(
         if config.metrics.listen is not None:
             result.metrics = await nursery.start(serve_http, config.metrics.listen, metrics, health)
         health.listening = True
+        where = ", ".join(f"{h}:{p}" for h, p in bound + result.tls_on_connect)
         log.info(
             "listening on %s, upstream %s (%s)",
-            ", ".join(f"{h}:{p}" for h, p in bound + result.tls_on_connect),
+            where,
             config.upstream.address,
             config.upstream.client_identity,
         )
+        # systemd (Type=notify): started only once every socket is bound, metrics included
+        notify.ready(f"listening on {where}, upstream {config.upstream.address}")
         task_status.started(result)
 
         await rt.stopping.wait()
@@ -321,15 +325,23 @@ async def run_until_signal(config: Config, metrics: Metrics, path: str | None = 
             name = signal.Signals(signum).name
             if signum == signal.SIGHUP:
                 if path is not None:
-                    await runtime.reload(path, metrics)
+                    draining = runtime.stopping.is_set()  # systemd must not see READY again
+                    if not draining:
+                        notify.reloading(f"reloading {path}")
+                    ok = await runtime.reload(path, metrics)
+                    if not draining:
+                        notify.ready(f"reloaded {path}" if ok else f"reload of {path} refused")
             elif not runtime.stopping.is_set():
                 log.info("%s: stopping", name)
+                notify.stopping(f"{name}: draining")
                 runtime.stopping.set()
             else:
                 log.warning("%s again: stopping now", name)
                 everything.cancel()
 
     with trio.open_signal_receiver(*wanted) as signals:
+        # A worker is forked with these blocked (proxy.workers): deliver what came meanwhile.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, wanted)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch, signals, nursery.cancel_scope)
             await serve(config, metrics, runtime=runtime)

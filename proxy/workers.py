@@ -47,6 +47,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from . import notify
 from .config import Address, Config, MetricsConfig
 from .httpd import Health, MetricsServer, Request, Response
 from .listen import bind, open_listeners
@@ -212,6 +213,7 @@ def _worker(
     from . import server
 
     os.setpgid(0, 0)  # signals come through the parent only
+    os.environ.pop("NOTIFY_SOCKET", None)  # the parent alone speaks for the unit to systemd
     # Linux: SIGTERM (a drain) if the parent dies without passing a signal on (SIGKILL, OOM).
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -254,7 +256,15 @@ def run(config: Config, path: str) -> int:
         mine = {address: socks[i] for address, socks in bound.items()}
         sys.stdout.flush()
         sys.stderr.flush()
+        # A worker starts with these blocked, until its trio receiver exists
+        # (server.run_until_signal): a SIGHUP passed on before (`systemctl reload` right
+        # after READY) would kill it, and with it the proxy.
+        mask = signal.pthread_sigmask(
+            signal.SIG_BLOCK, (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        )
         pid = os.fork()
+        if pid != 0:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         if pid == 0:  # pragma: no cover - the child's coverage is not collected
             status = 1
             try:
@@ -317,6 +327,8 @@ async def _supervise(config: Config, pids: dict[int, int], metrics_ports: list[i
             if config.metrics.listen is not None:
                 upstream = (config.upstream.address.host, config.upstream.address.port)
                 await nursery.start(_serve_merged, config.metrics.listen, metrics_ports, upstream)
+            # Every SMTP socket was bound and listening before the fork: connections queue.
+            notify.ready(f"{len(pids)} workers")
             # A worker may have died before the receiver existed: look once without a signal.
             pending: list[int] = [signal.SIGCHLD]
             while pids:
@@ -333,12 +345,22 @@ async def _supervise(config: Config, pids: dict[int, int], metrics_ports: list[i
                             code,
                         )
                         failed = stopping = True
+                        notify.stopping(f"worker {index} exited with status {code}")
                         send(signal.SIGTERM)
                         nursery.start_soon(kill_later)
                     continue
-                log.info("%s: passing it to %d workers", signal.Signals(signum).name, len(pids))
+                name = signal.Signals(signum).name
+                log.info("%s: passing it to %d workers", name, len(pids))
+                if signum == signal.SIGHUP and not stopping:
+                    # Each worker reloads (and logs the outcome) on its own; the parent does
+                    # not wait for them, so the reload counts as done once passed on.
+                    notify.reloading("passing SIGHUP to the workers")
+                    send(signum)
+                    notify.ready(f"{len(pids)} workers, SIGHUP passed on")
+                    continue
                 send(signum)
                 if signum != signal.SIGHUP and not stopping:
+                    notify.stopping(f"{name}: workers draining")
                     stopping = True
                     nursery.start_soon(kill_later)
             nursery.cancel_scope.cancel()
