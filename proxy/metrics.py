@@ -145,6 +145,12 @@ class Metrics:
             namespace=ns,
             registry=r,
         )
+        self.session_errors = Counter(
+            "session_errors",
+            "Sessions ended by an unexpected error in the proxy (a bug: see the log)",
+            namespace=ns,
+            registry=r,
+        )
         self.sync_violations = Counter(
             "sync_violations",
             "Sessions ended with a synchronization error because the client sent more input "

@@ -245,6 +245,11 @@ async def serve(
             sessions.add(session)
             try:
                 await session.run()
+            except Exception:
+                # A bug in one session must not take the listeners and every other
+                # session down with it (its log line and close already happened).
+                log.exception("session with %s:%d failed", *client)
+                metrics.session_errors.inc()
             finally:
                 sessions.discard(session)
                 if not sessions and rt.stopping.is_set():

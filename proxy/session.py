@@ -68,9 +68,10 @@ DRAIN_LIMIT = 256 * 1024  # bytes read (and dropped) after a final reply before 
 TOO_MANY_ERRORS = Reply.make(421, "4.7.0 Too many protocol errors, closing connection")
 # Only the proxy speaks for the client to the MTA.
 FORBIDDEN = {"XCLIENT", "XFORWARD"}
-# Early input passed on as is (``forward``) must hold no command the proxy would refuse or
-# answer itself: the relay would fall out of step with the MTA.
-_NOT_FORWARDED = FORBIDDEN | {"STARTTLS", "PROXY"}
+# Early input passed on as is (``forward``) must hold no command the relay would not send
+# as is, in order (it skips the forwarded bytes by count): none it refuses or answers
+# itself -- over-long lines too -- and BDAT, whose chunk is not lines.
+_NOT_FORWARDED = FORBIDDEN | {"STARTTLS", "PROXY", "BDAT"}
 # Commands after which a client must wait for the reply (RFC 2920 section 3.1): what Postfix
 # 3.7 with smtpd_forbid_unauth_pipelining answers with a sync error when input follows them
 # (measured: tests/integration/test_review_attacks.py). The proxy replays group by group, so
@@ -86,16 +87,26 @@ def _log_text(text: str) -> str:
     return _LOG_UNSAFE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
-def _forwardable(lines: bytes) -> bool:
-    """Whether complete early ``lines`` may go to the MTA as the client sent them."""
+def _forwardable(lines: bytes, max_line: int, after: str) -> bool:
+    """Whether complete early ``lines`` may go to the MTA as the client sent them, ``after``
+    the verb of the last line already forwarded. Nothing may follow a sync point but EHLO's
+    group: the relay would end the session there, after the MTA had it all."""
     for line in lines.splitlines(keepends=True):
+        if after in SYNC_POINTS - {"EHLO"} or len(line) > max_line:
+            return False
         try:
             cmd = strict_command(line)
         except ProtocolError:
             return False
         if cmd.verb in _NOT_FORWARDED:
             return False
+        after = cmd.verb
     return True
+
+
+def _last_verb(lines: bytes) -> str:
+    last = lines.rstrip(b"\r\n").rsplit(b"\n", 1)[-1]
+    return last.split(b" ", 1)[0].upper().decode("ascii", "replace")
 
 
 class _ClientGone(Exception):
@@ -284,6 +295,9 @@ class Session:
         self.metrics.active.labels(listener).inc()
         try:
             await self._run()
+        except Exception:
+            self.log.outcome = "internal-error"
+            raise
         finally:
             self.metrics.active.labels(listener).dec()
             self.metrics.record_session(self.log)
@@ -352,9 +366,10 @@ class Session:
         limit = self.cfg.pipe_connect.max_early_bytes
 
         forwarded = 0  # early bytes passed on (forward): whole, checked lines
+        last_verb = ""
 
         async def read_early(scope: trio.CancelScope) -> None:
-            nonlocal forwarded
+            nonlocal forwarded, last_verb
             if self.implicit_tls:
                 await self._start_tls()
             handshake_done.set()
@@ -377,7 +392,8 @@ class Session:
                     # whole lines the proxy would pass as commands: never one only the proxy
                     # may send, nor one the MTA could read as another command.
                     lines = bytes(early[forwarded : early.rfind(b"\n") + 1])
-                    if not _forwardable(lines):
+                    max_line = self.cfg.limits.max_command_line
+                    if not _forwardable(lines, max_line, last_verb):
                         refused.append("defer")
                         scope.cancel()
                         return
@@ -386,6 +402,7 @@ class Session:
                         assert self.up is not None
                         await self.up.forward_early(lines)
                         forwarded += len(lines)
+                        last_verb = _last_verb(lines)
 
         async def open_upstream(scope: trio.CancelScope) -> None:
             up = self.cfg.upstream
@@ -502,7 +519,15 @@ class Session:
                     self._ehlos += 1
                     if self._ehlos == 1 and self.reader.buffered:
                         self._pipelined_behind_first_ehlo()
-                if self.reader.buffered and self._sync_point(event):
+                if self.reader.buffered and event.verb == "EHLO" and not self.keywords:
+                    refusal = self._unadvertised_group()
+                    if refusal is not None:
+                        # A client with a stale cache whose early input came just after
+                        # the banner: the early-input policy, not a 554 that bounces.
+                        await self._run_batch(batch)
+                        await self._refuse(refusal)
+                        raise _End("sync-error")
+                elif self.reader.buffered and self._sync_point(event):
                     # As Postfix and Exim: the commands before it were answered; this one
                     # and whatever the client sent behind it are not executed.
                     await self._run_batch(batch)
@@ -530,12 +555,16 @@ class Session:
             await self._run_batch(batch)
 
     def _sync_point(self, cmd: Command) -> bool:
-        """Whether the client had to wait for the reply to ``cmd`` before sending more."""
-        if cmd.verb == "EHLO" and (self.keywords or (self._ehlos == 1 and self.log.early_bytes)):
-            # The group behind EHLO that early pipelining allows: advertised to this host,
-            # or sent before the banner and let through by unadvertised_early_input.
-            return False
-        return cmd.verb in SYNC_POINTS
+        """Whether the client had to wait for the reply to ``cmd`` before sending more (an
+        EHLO where early pipelining was advertised may carry a group)."""
+        return cmd.verb in SYNC_POINTS and not (cmd.verb == "EHLO" and self.keywords)
+
+    def _unadvertised_group(self) -> str | None:
+        """A host that was not offered early pipelining pipelined behind EHLO: the refusal
+        its early input would get (``defer``, ``reject``), or None where that input is let
+        through (``accept``, ``forward``: already judged or passed on before the banner)."""
+        policy = self.cfg.pipe_connect.unadvertised_early_input
+        return policy if policy in ("defer", "reject") else None
 
     def _pipelined_behind_first_ehlo(self) -> None:
         """Commands already behind the first EHLO mean the client did not wait for the EHLO

@@ -364,6 +364,7 @@ class CommandReader:
         line = self._buf.take(end + 1)
         if self._discarding or len(line) > limit:
             self._discarding = False
+            self._mode = _Mode.COMMAND  # an AUTH response too is over with its line
             raise ProtocolError(Reply.make(500, "5.5.2 Line too long"), fatal=False)
         if self._mode is _Mode.LINE:
             self._mode = _Mode.COMMAND
@@ -458,12 +459,19 @@ class CommandReader:
             buf.take(stop + 5)
             self._mode = _Mode.COMMAND
             return EndOfData()
-        # Keep what could be the start of the terminator.
+        # Keep what could be the start of the terminator. Dropped lines (or DATA_PIECE
+        # bytes of one) are units as in DATA: a long refused message on a slow link must
+        # reach its end, and the 554, within the data timeouts.
         drop = max(0, len(buf) - 4)
         if drop:
+            dropped = buf.take(drop)
             self.discarded += drop
-            buf.take(drop)
             self._clean_line_start = False
+            self._piece += drop
+            lines = dropped.count(b"\n")
+            if lines or self._piece >= DATA_PIECE:
+                self.units += max(lines, 1)
+                self._piece = 0
         return NEED_DATA
 
     def _normalized(self, chunk: bytes, mid_line: bool) -> bytes:

@@ -23,6 +23,7 @@ from .smtp import ProtocolError, Reply, ReplyReader, ehlo_keywords
 from .tls import OpenSSLStream
 
 Endpoint = tuple[str, int]
+CLOSE_TIMEOUT = 2.0  # seconds for a close (TLS close_notify is one small write)
 
 
 class UpstreamError(Exception):
@@ -121,7 +122,9 @@ class Upstream:
             self.replies.feed(data)
 
     async def aclose(self) -> None:
-        with trio.CancelScope(shield=True):
+        # Shielded (it also runs while being cancelled) but bounded: a TLS close_notify to
+        # an MTA that reads nothing must not hang; cancelled, the close is forceful.
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + CLOSE_TIMEOUT):
             await self.stream.aclose()
 
 

@@ -412,3 +412,77 @@ async def test_quit_closes_at_once_without_waiting_for_the_client(
         assert await c.reply(5) is None  # EOF from the proxy, our side still open
         await trio.testing.wait_all_tasks_blocked()  # the session has ended and logged
         assert any("outcome=quit" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_failing_session_leaves_the_others_be(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unexpected error in one session (a bug) is logged and counted; the listener and
+    the next sessions carry on."""
+    from proxy.session import Session
+
+    real = Session._relay
+    calls = 0
+
+    async def flaky(self: Session) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("injected")
+        await real(self)
+
+    monkeypatch.setattr(Session, "_relay", flaky)
+    mta = FakeMTA()
+    async with running(mta) as (port, metrics):
+        first = await connect(port)
+        with trio.fail_after(5):  # closed by the failure
+            while await first.reply() is not None:
+                pass
+        second = await connect(port)
+        await second.stream.send_all(b"EHLO me.test\r\n" + ENVELOPE)
+        assert [r.code for r in await second.replies_n(5)] == [220, 250, 250, 250, 354]
+    assert metrics.session_errors._value.get() == 1
+
+
+@pytest.mark.parametrize(
+    "early",
+    [
+        b"RSET " + b"a" * 600 + b"\r\n",  # over max_command_line: the relay would not send it
+        b"BDAT 5\r\nRSET\r\n",  # a chunk is not lines
+        b"NOOP\r\nRSET\r\n",  # input behind a sync point
+        b"DATA\r\nSubject: x\r\n",
+    ],
+    ids=["too-long", "bdat", "after-noop", "after-data"],
+)
+async def test_forward_passes_only_what_the_relay_sends_as_is(early: bytes) -> None:
+    """Found by review: a forwarded line the relay then answered itself made the byte-count
+    skip eat the next command, so the MTA read a line's tail as a command of its own."""
+    mta = FakeMTA(banner_delay=0.3)
+    pc = {"advertise_hosts": [], "unadvertised_early_input": "forward"}
+    async with running(mta, pipe_connect=pc) as (port, metrics):
+        c = await connect(port)
+        await c.stream.send_all(b"EHLO me.test\r\n" + early)
+        reply = await c.reply()
+        assert reply is not None and reply.code == 421
+        await trio.sleep(0.4)
+    assert mta.early_input == []
+    assert metrics.early_refused.labels("defer")._value.get() == 1
+
+
+@pytest.mark.parametrize(("policy", "code"), [("defer", 421), ("reject", 554), ("accept", 250)])
+async def test_unadvertised_group_behind_ehlo_gets_the_early_input_policy(
+    policy: str, code: int
+) -> None:
+    """A host not offered early pipelining (a stale cache) whose EHLO + group arrives just
+    after the banner: its early-input policy (421 by default, so it defers and re-learns),
+    not the 554 of a sync violation, which would bounce the message."""
+    mta = FakeMTA()
+    pc = {"advertise_hosts": [], "unadvertised_early_input": policy}
+    async with running(mta, pipe_connect=pc) as (port, metrics):
+        c = await connect(port)
+        assert [r.code for r in await c.replies_n(1)] == [220]
+        await c.stream.send_all(b"EHLO me.test\r\n" + ENVELOPE)
+        reply = await c.reply()
+        assert reply is not None and reply.code == code
+        if policy != "accept":
+            assert b"synchronization" in reply.lines[0]
+            assert metrics.early_refused.labels(policy)._value.get() == 1
+            assert not any(cmd.startswith(b"MAIL") for cmd in mta.commands)

@@ -914,6 +914,28 @@ def test_auth_line_over_limit_not_fatal() -> None:
     assert events == [cmd(b"AUTH PLAIN\r\n"), Err(500, False)]
 
 
+@pytest.mark.parametrize("sent", [b"A" * 13000 + b"\r\n", b"A" * 13000, b"A" * 20000 + b"\r\n"])
+def test_auth_line_over_limit_returns_to_commands(sent: bytes) -> None:
+    # Found by review: the reader stayed in LINE mode, so QUIT came back as a RawLine.
+    events = both(
+        b"AUTH LOGIN\r\n" + sent + (b"" if sent.endswith(b"\n") else b"\r\n") + b"QUIT\r\n"
+    )
+    assert events == [cmd(b"AUTH LOGIN\r\n"), Err(500, False), cmd(b"QUIT\r\n")]
+
+
+def test_discarded_lines_are_units() -> None:
+    """A refused message still being sent line by line keeps its timeout going."""
+    r = CommandReader()
+    r.start_data()
+    r.feed(b"bare\n")
+    assert isinstance(r.next_event(), DataRefused)
+    units = r.units
+    for _ in range(3):
+        r.feed(b"x" * 1000 + b"\r\n")
+        assert r.next_event() is NEED_DATA
+    assert r.units >= units + 2
+
+
 def test_auth_line_bare_lf_fatal() -> None:
     assert both(b"AUTH PLAIN\r\nabc\n") == [cmd(b"AUTH PLAIN\r\n"), BARE_NEWLINE]
 
