@@ -399,12 +399,18 @@ class CommandReader:
             self.units += 1
         return BdatChunk(data)
 
-    def _next_data(self) -> DataChunk | EndOfData | DataRefused | NeedData:
-        buf = self._buf
-        if self._clean_line_start and buf.startswith(b".\r\n"):
-            buf.take(3)
+    def _end_at_start(self) -> EndOfData | None:
+        """The client's end of data, if the buffer starts with it after a real CRLF."""
+        if self._clean_line_start and self._buf.startswith(b".\r\n"):
+            self._buf.take(3)
             self._mode = _Mode.COMMAND
             return EndOfData()
+        return None
+
+    def _next_data(self) -> DataChunk | EndOfData | DataRefused | NeedData:
+        buf = self._buf
+        if end_of_data := self._end_at_start():
+            return end_of_data
         # Whole lines leave the buffer (or DATA_PIECE bytes of a line without an end), so
         # the terminator is either at the buffer's start after a real CRLF, or after a CRLF
         # inside it.
@@ -449,10 +455,8 @@ class CommandReader:
 
     def _next_discard(self) -> EndOfData | NeedData:
         buf = self._buf
-        if self._clean_line_start and buf.startswith(b".\r\n"):
-            buf.take(3)
-            self._mode = _Mode.COMMAND
-            return EndOfData()
+        if end_of_data := self._end_at_start():
+            return end_of_data
         stop = buf.find(b"\r\n.\r\n")
         if stop >= 0:
             self.discarded += stop

@@ -8,8 +8,6 @@ private one: its own config, TSDB directory and port, queried over the HTTP API 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import subprocess
 import time
@@ -20,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pytest
+from tests.needs import require_binary
 
 T = TypeVar("T")
 
@@ -30,16 +28,8 @@ Point = tuple[float, float]
 
 def require_prometheus() -> str:
     """The path of `prometheus`; skip the test without it (fail under CI=true)."""
-    path = shutil.which("prometheus")
-    if path is not None:
-        return path
-    reason = (
-        "prometheus unavailable; run `bash .ci/install` as root to install the binary from "
-        "Debian's prometheus package"
-    )
-    if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
-        pytest.fail(f"CI=true, so not skipping: {reason}", pytrace=False)
-    pytest.skip(reason)
+    how = "run `bash .ci/install` as root to install the binary from Debian's prometheus package"
+    return require_binary("prometheus", how)
 
 
 class Prometheus:

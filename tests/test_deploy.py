@@ -30,21 +30,13 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests.needs import skip_or_fail
+
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_DIR = ROOT / "deploy" / "compose"
 K8S_DIR = ROOT / "deploy" / "kubernetes"
 NODE_DIR = Path(os.environ.get("PIPECONNECT_NODE_DIR", "/opt/pipeconnect-ci/node"))
 K8S_VERSIONS = ["1.28.0", kubernetes_validate.latest_version()]
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("true", "1", "yes")
-
-
-def skip_or_fail(reason: str) -> None:
-    if in_ci():
-        pytest.fail(f"CI=true, so not skipping: {reason}", pytrace=False)
-    pytest.skip(reason)
 
 
 def check_config(path: Path) -> subprocess.CompletedProcess[str]:

@@ -8,12 +8,12 @@ Without it these tests are skipped with a reason, except under CI=true, where th
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from tests.needs import require_binary
 
 from .test_metrics_dashboard import (
     RULES,
@@ -28,16 +28,8 @@ RULES_TEST = RULES.parent / "rules_test.yml"
 
 @pytest.fixture(scope="module")
 def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is not None:
-        return path
-    reason = (
-        "promtool unavailable; run `bash .ci/install` as root to install it from "
-        "Debian's prometheus package"
-    )
-    if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
-        pytest.fail(f"CI=true, so not skipping: {reason}", pytrace=False)
-    pytest.skip(reason)
+    how = "run `bash .ci/install` as root to install it from Debian's prometheus package"
+    return require_binary("promtool", how)
 
 
 def run(promtool: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -25,6 +25,7 @@ import pytest
 
 from proxy import notify
 from proxy.config import ServerConfig
+from tests.needs import skip_or_fail
 from tests.proxyproc import to_toml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,16 +33,6 @@ UNIT = ROOT / "deploy" / "systemd" / "pipeconnect-proxy.service"
 EXAMPLE = ROOT / "deploy" / "systemd" / "proxy.toml"
 INSTALLED = "/usr/local/bin/pipeconnect-proxy"  # ExecStart's path, as the README installs it
 MAX_EXPOSURE = 2.0  # issue 14 (a unit with only ExecStart= scores 9.6 on systemd 252)
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("true", "1", "yes")
-
-
-def skip_or_fail(reason: str) -> None:
-    if in_ci():
-        pytest.fail(f"CI=true, so not skipping: {reason}", pytrace=False)
-    pytest.skip(reason)
 
 
 # --------------------------------------------------------------------------- sd_notify

@@ -35,6 +35,7 @@ from tests.integration.test_identity import CLIENT, Raw, client_ctx, received_fr
 from tests.integration.test_smuggling import permissive, settle
 from tests.mta import Postfix
 from tests.proxyproc import ProxyProcess
+from tests.unit.test_smtp import LOOSE_DATA  # DATA to Postfix 3.7 (the control below)
 
 PostfixFactory = Callable[..., Postfix]
 ProxyFactory = Callable[..., ProxyProcess]
@@ -50,17 +51,7 @@ SPOOF_LINES = [
     f"XFORWARD\tADDR={SPOOF_ADDR}".encode(),
     f" XFORWARD ADDR={SPOOF_ADDR}".encode(),
 ]
-# Each is DATA to Postfix 3.7 (test_control_postfix_reads_each_loose_data_line_as_data).
-LOOSE_DATA = [
-    b"DATA\t",
-    b" DATA",
-    b"\tDATA",
-    b"DATA\x0b",
-    b"\x0bDATA",
-    b"DATA\x0c",
-    b"DATA\x00",
-    b"DATA\x00x",
-]
+
 HELLO = b"EHLO client.test\r\n"
 MAIL = b"MAIL FROM:<a@src.test>\r\n"
 RCPT = b"RCPT TO:<box@dest.test>\r\n"
