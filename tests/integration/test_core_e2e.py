@@ -38,8 +38,10 @@ def test_exim_learns_then_uses_early_pipelining_through_proxy(
     proxy = proxy_factory(postfix.port)
     exim = exim_client_factory(proxy.port)
     logs = [exim.send("alice@client.test", "box@dest.test", body(n)) for n in (1, 2, 3)]
-    lines = [deliveries(log)[-1] for log in logs]
-    assert [d.kind for d in lines] == ["=>", "=>", "=>"], logs
+    found = [deliveries(log) for log in logs]
+    assert all(found), (logs, exim.paniclog(), proxy.log(), postfix.maillog())
+    lines = [d[-1] for d in found]
+    assert [d.kind for d in lines] == ["=>", "=>", "=>"], (logs, proxy.log())
     # first delivery learns the keyword (pipelining, not early); the next two use it
     assert "L" in lines[0].flags and "L*" not in lines[0].flags, lines[0].line
     assert lines[1].early_pipelined and lines[2].early_pipelined, logs
