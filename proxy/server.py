@@ -278,7 +278,11 @@ async def serve(
     async with trio.open_nursery() as nursery:
         for name, listeners in (("plain", plain), ("tls_on_connect", implicit)):
             if listeners:
-                metrics.active.labels(name)  # exported as 0 from the start
+                # Exported as 0 from the start, so that Prometheus sees the first
+                # sessions as an increase (rate() cannot see a step from "no series").
+                metrics.active.labels(name)
+                metrics.sessions.labels(name, "quit")
+                metrics.duration.labels(name)
                 accepting.append(trio.CancelScope())
                 await nursery.start(accept, name, listeners, accepting[-1], nursery)
         if config.metrics.listen is not None:
