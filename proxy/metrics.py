@@ -28,6 +28,8 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from .outcomes import Outcome
+
 if TYPE_CHECKING:
     from .session import SessionLog
 
@@ -61,7 +63,7 @@ def package_version(dist: str = "pipeconnect-proxy") -> str:
 VERSION = package_version()
 
 # Session outcomes that mean the TLS handshake with the client failed, and the reason label.
-_TLS_FAILURES = {"tls-failed": "handshake-error", "tls-timeout": "timeout"}
+_TLS_FAILURES = {Outcome.TLS_FAILED: "handshake-error", Outcome.TLS_TIMEOUT: "timeout"}
 
 # struct tcp_info (linux/tcp.h): eight u8 fields, then u32s; tcpi_rtt is the 16th (usec).
 _TCPI_RTT = struct.Struct("=I")

@@ -19,6 +19,7 @@ from .config import Address, Config, ConfigError, load_config
 from .httpd import Health, serve_http
 from .listen import AcceptErrors, open_listeners, serve_listeners
 from .metrics import Metrics
+from .outcomes import ENDED, Outcome
 from .session import Session, _client_ip
 from .smtp import Reply
 from .tls import TLSConfigError, client_context, server_context
@@ -228,7 +229,7 @@ async def serve(
         limits.per_client = snapshot.config.limits.max_sessions_per_client
         with limits.admit(client[0]) as refusal:
             if refusal is not None:
-                metrics.sessions.labels(listener, "too-many").inc()
+                metrics.sessions.labels(listener, Outcome.TOO_MANY).inc()
                 await _reject(stream, refusal)
                 return
             session = Session(
@@ -281,7 +282,8 @@ async def serve(
                 # Exported as 0 from the start, so that Prometheus sees the first
                 # sessions as an increase (rate() cannot see a step from "no series").
                 metrics.active.labels(name)
-                metrics.sessions.labels(name, "quit")
+                for outcome in ENDED:
+                    metrics.sessions.labels(name, outcome)
                 metrics.duration.labels(name)
                 accepting.append(trio.CancelScope())
                 await nursery.start(accept, name, listeners, accepting[-1], nursery)

@@ -23,6 +23,7 @@ from OpenSSL import SSL
 from . import fastio
 from .config import Config
 from .metrics import Metrics, tcp_rtt
+from .outcomes import Outcome
 from .smtp import (
     NEED_DATA,
     BdatChunk,
@@ -116,7 +117,7 @@ class _ClientGone(Exception):
 class _End(Exception):
     """Leave the relay loop; ``outcome`` names why in the log line."""
 
-    def __init__(self, outcome: str) -> None:
+    def __init__(self, outcome: Outcome) -> None:
         super().__init__(outcome)
         self.outcome = outcome
 
@@ -128,7 +129,7 @@ class SessionLog:
     upstream: str
     start: float = field(default_factory=time.monotonic)
     helo: str = ""
-    outcome: str = "open"
+    outcome: Outcome = Outcome.OPEN
     advertised: bool = False
     early_bytes: int = 0
     early_used: bool = False
@@ -296,7 +297,7 @@ class Session:
         try:
             await self._run()
         except Exception:
-            self.log.outcome = "internal-error"
+            self.log.outcome = Outcome.INTERNAL_ERROR
             raise
         finally:
             self.metrics.active.labels(listener).dec()
@@ -316,7 +317,7 @@ class Session:
             with self._stop:
                 await self._run_phases()
             if self._stop.cancelled_caught:
-                self.log.outcome = "shutdown"
+                self.log.outcome = Outcome.SHUTDOWN
                 if not self._client_send_cut:  # else the next byte would corrupt a reply
                     with trio.move_on_after(self.cfg.timeouts.early_drain):
                         await self._close_client(SHUTTING_DOWN)
@@ -342,7 +343,7 @@ class Session:
             self.log.detail = str(exc)
             await self._close_client(exc.reply)
         except _ClientGone:
-            self.log.outcome = "client-gone"
+            self.log.outcome = Outcome.CLIENT_GONE
         except _End as end:
             self.log.outcome = end.outcome
 
@@ -473,7 +474,7 @@ class Session:
         return None
 
     async def _refuse(self, action: str) -> None:
-        self.log.outcome = "sync-error"
+        self.log.outcome = Outcome.SYNC_ERROR
         self.log.detail = f"early input refused ({action})"
         self.metrics.early_refused.labels(action).inc()
         await self._close_client(REFUSE_REPLIES[action])
@@ -493,7 +494,7 @@ class Session:
                     self._queue(exc.reply)
                     if exc.fatal:
                         await self._close_client(None)
-                        raise _End("protocol-error") from None
+                        raise _End(Outcome.PROTOCOL_ERROR) from None
                     self._local_errors += 1
                     if self._local_errors >= MAX_LOCAL_ERRORS:
                         # A client streaming junk would otherwise keep this loop answering
@@ -501,7 +502,7 @@ class Session:
                         # x200 under 20 such flooders). Exim stops at 3, Postfix at 20.
                         self.log.detail = f"{self._local_errors} protocol errors"
                         await self._close_client(TOO_MANY_ERRORS)
-                        raise _End("too-many-errors") from None
+                        raise _End(Outcome.TOO_MANY_ERRORS) from None
                     continue
                 if event is NEED_DATA:
                     if batch:
@@ -512,7 +513,7 @@ class Session:
                     await self._run_batch(batch)
                     await self._goodbye_upstream()
                     await self._flush()
-                    raise _End("client-closed")
+                    raise _End(Outcome.CLIENT_CLOSED)
                 assert isinstance(event, Command), event
                 self.log.commands += 1
                 if event.verb == "EHLO":
@@ -526,7 +527,7 @@ class Session:
                         # the banner: the early-input policy, not a 554 that bounces.
                         await self._run_batch(batch)
                         await self._refuse(refusal)
-                        raise _End("sync-error")
+                        raise _End(Outcome.SYNC_ERROR)
                 elif self.reader.buffered and self._sync_point(event):
                     # As Postfix and Exim: the commands before it were answered; this one
                     # and whatever the client sent behind it are not executed.
@@ -535,7 +536,7 @@ class Session:
                     self.metrics.sync_violations.labels(event.verb).inc()
                     reply = f"5.5.0 {SYNC_ERROR}: input sent before the reply to {event.verb}"
                     await self._close_client(Reply.make(554, reply))
-                    raise _End("sync-violation")
+                    raise _End(Outcome.SYNC_VIOLATION)
                 if event.verb == "STARTTLS" and self.tls_context and not self.tls_active:
                     await self._run_batch(batch)
                     batch = []
@@ -607,13 +608,13 @@ class Session:
                 await stream.do_handshake()
             except trio.BrokenResourceError as exc:
                 self.log.detail = f"TLS handshake failed: {exc.__cause__ or exc}"
-                raise _End("tls-failed") from None
+                raise _End(Outcome.TLS_FAILED) from None
             except trio.Cancelled:
                 self._client_send_cut = True  # no SMTP reply fits inside a handshake
                 raise
         if scope.cancelled_caught:
             self.log.detail = f"TLS handshake timed out after {timeout:g}s"
-            raise _End("tls-timeout")
+            raise _End(Outcome.TLS_TIMEOUT)
         self.client_stream = stream
         self.tls_active = True
         self._ehlos = 0
@@ -691,7 +692,7 @@ class Session:
             await self._relay_auth()
         elif verb == "QUIT":
             await self._close_client(None, linger=False)
-            raise _End("quit")
+            raise _End(Outcome.QUIT)
 
     # ------------------------------------------------------------ message data
 
@@ -710,7 +711,7 @@ class Session:
                 if refused is not None and self.up_size and self.reader.discarded > self.up_size:
                     # Longer than the MTA would take: answer now rather than read on.
                     await self._close_client(refused)
-                    raise _End("protocol-error")
+                    raise _End(Outcome.PROTOCOL_ERROR)
                 await self._fill(self.cfg.timeouts.data_block)
             elif isinstance(event, DataChunk):
                 self.log.bytes_in += len(event.data)
@@ -727,7 +728,7 @@ class Session:
             elif isinstance(event, EndOfData):
                 if refused is not None:
                     await self._close_client(refused)
-                    raise _End("protocol-error")
+                    raise _End(Outcome.PROTOCOL_ERROR)
                 # The last chunk and the terminator in one write (one segment, one syscall).
                 self._verdict = "awaited"
                 await up.send(bytes(pending + event.raw))
@@ -736,7 +737,7 @@ class Session:
                 return
             else:
                 assert isinstance(event, Closed), event
-                raise _End("client-gone-in-data")
+                raise _End(Outcome.CLIENT_GONE_IN_DATA)
 
     async def _relay_bdat(self, cmd: Command) -> None:
         up = self._upstream()
@@ -763,7 +764,7 @@ class Session:
                 return
             else:
                 assert isinstance(event, Closed), event
-                raise _End("client-gone-in-data")
+                raise _End(Outcome.CLIENT_GONE_IN_DATA)
 
     async def _message_done(self, reply: Reply) -> None:
         self.in_transaction = False
@@ -787,7 +788,7 @@ class Session:
         if reply.code == 421 or (reply.code == 221 and verb != "QUIT"):
             self.log.detail = f"MTA: {reply.code} {reply.text}"
             await self._close_client(None, linger=reply.code == 421)
-            raise _End(f"upstream-{reply.code}")
+            raise _End(Outcome.UPSTREAM_421 if reply.code == 421 else Outcome.UPSTREAM_221)
 
     async def _discard_bdat(self) -> None:
         while True:
@@ -797,7 +798,7 @@ class Session:
             elif isinstance(event, BdatEnd):
                 return
             elif isinstance(event, Closed):
-                raise _End("client-gone-in-data")
+                raise _End(Outcome.CLIENT_GONE_IN_DATA)
 
     async def _relay_auth(self) -> None:
         up = self._upstream()
@@ -811,13 +812,13 @@ class Session:
                 # and answer the client ourselves, so both stay in step.
                 if exc.fatal:
                     await self._close_client(exc.reply)
-                    raise _End("protocol-error") from None
+                    raise _End(Outcome.PROTOCOL_ERROR) from None
                 await up.send(b"*\r\n")
                 await up.read_reply(self.cfg.timeouts.reply, "AUTH cancel reply")
                 self._queue(exc.reply)
                 return
             if isinstance(event, Closed):
-                raise _End("client-gone")
+                raise _End(Outcome.CLIENT_GONE)
             assert isinstance(event, RawLine), event
             await up.send(event.raw)
             reply = await up.read_reply(self.cfg.timeouts.reply, "AUTH reply")
@@ -829,7 +830,7 @@ class Session:
 
     def _upstream(self) -> Upstream:
         if self.up is None:
-            raise UpstreamError("upstream-lost", "connection closed")
+            raise UpstreamError(Outcome.UPSTREAM_LOST, "connection closed")
         return self.up
 
     def _timeout(self, cmd: Command) -> float:
@@ -865,7 +866,7 @@ class Session:
                 raise
         if scope.cancelled_caught:
             self.log.detail = f"client read nothing for {timeout:g}s"
-            raise _End("client-timeout")
+            raise _End(Outcome.CLIENT_TIMEOUT)
 
     async def _receive(self, max_bytes: int, deadline: float | None, timeout: float) -> bytes:
         """Client bytes (``b""`` at EOF) before ``deadline`` (None: no limit of its own)."""
@@ -884,7 +885,7 @@ class Session:
             raise _ClientGone() from exc
         self.log.detail = f"client timeout after {timeout:g}s"
         await self._close_client(Reply.make(421, "4.4.2 Timeout, closing connection"))
-        raise _End("client-timeout")
+        raise _End(Outcome.CLIENT_TIMEOUT)
 
     async def _fill(self, timeout: float) -> None:
         """Flush queued replies, then block for more client input. ``timeout`` bounds the

@@ -11,6 +11,7 @@ import trio
 from OpenSSL import SSL
 
 from . import fastio
+from .outcomes import Outcome
 from .proxyproto import (
     PP2_SUBTYPE_SSL_CIPHER,
     PP2_SUBTYPE_SSL_VERSION,
@@ -29,7 +30,7 @@ CLOSE_TIMEOUT = 2.0  # seconds for a close (TLS close_notify is one small write)
 class UpstreamError(Exception):
     """The MTA failed us. ``reply`` is what the client gets; ``outcome`` names it in logs."""
 
-    def __init__(self, outcome: str, detail: str) -> None:
+    def __init__(self, outcome: Outcome, detail: str) -> None:
         super().__init__(f"{outcome}: {detail}")
         self.outcome = outcome
         self.reply = Reply.make(421, f"4.4.2 Upstream MTA unavailable ({detail}), try again later")
@@ -90,9 +91,9 @@ class Upstream:
                     await fastio.send_all(self.stream, data[sent:])
                 if scope.cancelled_caught:
                     stalled = f"MTA took no data for {self.send_timeout:g}s"
-                    raise UpstreamError("upstream-timeout", stalled)
+                    raise UpstreamError(Outcome.UPSTREAM_TIMEOUT, stalled)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise UpstreamError("upstream-lost", "connection lost while sending") from exc
+            raise UpstreamError(Outcome.UPSTREAM_LOST, "connection lost while sending") from exc
         self.bytes_sent += len(data)
 
     async def read_reply(self, timeout: float, what: str = "reply") -> Reply:
@@ -103,7 +104,7 @@ class Upstream:
             try:
                 reply = self.replies.next_reply()
             except ProtocolError as exc:
-                raise UpstreamError("upstream-protocol", exc.reply.text) from exc
+                raise UpstreamError(Outcome.UPSTREAM_PROTOCOL, exc.reply.text) from exc
             if reply is not None:
                 return reply
             data = fastio.try_receive(self.stream, 65536)
@@ -114,11 +115,11 @@ class Upstream:
                         data = await fastio.receive_some(self.stream, 65536)
                     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                         lost = f"connection lost awaiting {what}"
-                        raise UpstreamError("upstream-lost", lost) from exc
+                        raise UpstreamError(Outcome.UPSTREAM_LOST, lost) from exc
                 if scope.cancelled_caught:
-                    raise UpstreamError("upstream-timeout", f"no {what} within {timeout:g}s")
+                    raise UpstreamError(Outcome.UPSTREAM_TIMEOUT, f"no {what} within {timeout:g}s")
             if not data:
-                raise UpstreamError("upstream-lost", f"connection closed awaiting {what}")
+                raise UpstreamError(Outcome.UPSTREAM_LOST, f"connection closed awaiting {what}")
             self.replies.feed(data)
 
     async def aclose(self) -> None:
@@ -162,9 +163,11 @@ async def connect(
         try:
             stream = await _open(address)
         except OSError as exc:
-            raise UpstreamError("upstream-down", f"connect failed: {exc.strerror or exc}") from exc
+            raise UpstreamError(
+                Outcome.UPSTREAM_DOWN, f"connect failed: {exc.strerror or exc}"
+            ) from exc
     if scope.cancelled_caught:
-        raise UpstreamError("upstream-down", f"connect timed out after {connect_timeout:g}s")
+        raise UpstreamError(Outcome.UPSTREAM_DOWN, f"connect timed out after {connect_timeout:g}s")
     up = Upstream(stream, max_reply_line, send_timeout)
     header = identity_header(identity, client, local, tlvs)
     if header:
@@ -198,7 +201,7 @@ async def xclient(up: Upstream, client: Endpoint, timeout: float) -> None:
     await up.send(xclient_command(client[0], client[1], name=name))
     reply = await up.read_reply(timeout, "XCLIENT reply")
     if reply.code != 220:
-        raise UpstreamError("upstream-xclient", f"XCLIENT refused: {reply.code} {reply.text}")
+        raise UpstreamError(Outcome.UPSTREAM_XCLIENT, f"XCLIENT refused: {reply.code} {reply.text}")
 
 
 async def starttls(
@@ -215,21 +218,23 @@ async def starttls(
     await up.send(f"EHLO {ehlo}\r\n".encode())
     reply = await up.read_reply(timeout, "EHLO reply")
     if reply.code != 250 or "STARTTLS" not in ehlo_keywords(reply):
-        raise UpstreamError("upstream-tls", f"MTA does not offer STARTTLS ({reply.code})")
+        raise UpstreamError(Outcome.UPSTREAM_TLS, f"MTA does not offer STARTTLS ({reply.code})")
     await up.send(b"STARTTLS\r\n")
     reply = await up.read_reply(timeout, "STARTTLS reply")
     if reply.code != 220:
-        raise UpstreamError("upstream-tls", f"STARTTLS refused: {reply.code} {reply.text}")
+        raise UpstreamError(Outcome.UPSTREAM_TLS, f"STARTTLS refused: {reply.code} {reply.text}")
     if up.replies.buffered:
         # Bytes behind the 220 would be read as if they came over TLS (CVE-2011-0411 class).
-        raise UpstreamError("upstream-tls", "MTA sent data after its STARTTLS reply")
+        raise UpstreamError(Outcome.UPSTREAM_TLS, "MTA sent data after its STARTTLS reply")
     stream = OpenSSLStream(up.stream, context, server_side=False, server_hostname=server_name)
     with trio.move_on_after(timeout) as scope:
         try:
             await stream.do_handshake()
         except trio.BrokenResourceError as exc:
-            raise UpstreamError("upstream-tls", f"TLS handshake: {exc.__cause__ or exc}") from exc
+            raise UpstreamError(
+                Outcome.UPSTREAM_TLS, f"TLS handshake: {exc.__cause__ or exc}"
+            ) from exc
     if scope.cancelled_caught:
-        raise UpstreamError("upstream-tls", f"TLS handshake timed out after {timeout:g}s")
+        raise UpstreamError(Outcome.UPSTREAM_TLS, f"TLS handshake timed out after {timeout:g}s")
     up.stream = stream
     up.tls = stream.negotiated_version or "TLS"

@@ -486,3 +486,16 @@ async def test_unadvertised_group_behind_ehlo_gets_the_early_input_policy(
             assert b"synchronization" in reply.lines[0]
             assert metrics.early_refused.labels(policy)._value.get() == 1
             assert not any(cmd.startswith(b"MAIL") for cmd in mta.commands)
+
+
+async def test_every_outcome_is_exported_at_zero_from_the_start() -> None:
+    """rate() sees no increase in a series born at its first value: each listener's
+    sessions_total series for every outcome exists before any session ends."""
+    from prometheus_client import generate_latest
+
+    from proxy.outcomes import ENDED
+
+    async with running(FakeMTA()) as (_, metrics):
+        text = generate_latest(metrics.registry).decode()
+    for outcome in ENDED:
+        assert f'sessions_total{{listener="plain",outcome="{outcome}"}} 0.0' in text, outcome

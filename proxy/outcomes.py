@@ -1,0 +1,39 @@
+"""How a session ended: the ``outcome`` of its log line and of ``pipeconnect_sessions_total``.
+
+One definition, so metrics can be exported at zero from the start (Prometheus' rate() sees
+no increase in a series that is born at its first value) and README can be checked against
+it. The values are the names operators see; never rename one lightly.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Outcome(StrEnum):
+    OPEN = "open"  # not ended yet
+    QUIT = "quit"
+    CLIENT_CLOSED = "client-closed"
+    CLIENT_GONE = "client-gone"
+    CLIENT_GONE_IN_DATA = "client-gone-in-data"
+    CLIENT_TIMEOUT = "client-timeout"
+    SYNC_ERROR = "sync-error"  # early input refused
+    SYNC_VIOLATION = "sync-violation"  # input behind a sync point
+    PROTOCOL_ERROR = "protocol-error"
+    TOO_MANY_ERRORS = "too-many-errors"
+    TLS_FAILED = "tls-failed"
+    TLS_TIMEOUT = "tls-timeout"
+    UPSTREAM_DOWN = "upstream-down"
+    UPSTREAM_LOST = "upstream-lost"
+    UPSTREAM_TIMEOUT = "upstream-timeout"
+    UPSTREAM_PROTOCOL = "upstream-protocol"
+    UPSTREAM_421 = "upstream-421"
+    UPSTREAM_221 = "upstream-221"
+    UPSTREAM_TLS = "upstream-tls"
+    UPSTREAM_XCLIENT = "upstream-xclient"
+    SHUTDOWN = "shutdown"
+    TOO_MANY = "too-many"  # session limits, at accept
+    INTERNAL_ERROR = "internal-error"
+
+
+ENDED = tuple(o for o in Outcome if o is not Outcome.OPEN)
