@@ -28,7 +28,7 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from .outcomes import Outcome
+from .outcomes import ENDED, Outcome
 
 if TYPE_CHECKING:
     from .session import SessionLog
@@ -290,6 +290,14 @@ class Metrics:
             self.tls_failures.labels(reason)
         for result in ("success", "failure"):
             self.upstream_probes.labels(result)
+
+    def expose_listener(self, listener: str) -> None:
+        """Export a listener's session series at 0 before any session ends, so Prometheus
+        sees the first ones as an increase (rate() sees no step from "no series")."""
+        self.active.labels(listener)
+        for outcome in ENDED:
+            self.sessions.labels(listener, outcome)
+        self.duration.labels(listener)
 
     def record_session(self, log: SessionLog) -> None:
         """Everything a finished session adds, in one place (called once per session)."""

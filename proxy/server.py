@@ -19,7 +19,7 @@ from .config import Address, Config, ConfigError, load_config
 from .httpd import Health, serve_http
 from .listen import AcceptErrors, open_listeners, serve_listeners
 from .metrics import Metrics
-from .outcomes import ENDED, Outcome
+from .outcomes import Outcome
 from .session import Session, _client_ip
 from .smtp import Reply
 from .tls import TLSConfigError, client_context, server_context
@@ -279,12 +279,7 @@ async def serve(
     async with trio.open_nursery() as nursery:
         for name, listeners in (("plain", plain), ("tls_on_connect", implicit)):
             if listeners:
-                # Exported as 0 from the start, so that Prometheus sees the first
-                # sessions as an increase (rate() cannot see a step from "no series").
-                metrics.active.labels(name)
-                for outcome in ENDED:
-                    metrics.sessions.labels(name, outcome)
-                metrics.duration.labels(name)
+                metrics.expose_listener(name)
                 accepting.append(trio.CancelScope())
                 await nursery.start(accept, name, listeners, accepting[-1], nursery)
         if config.metrics.listen is not None:

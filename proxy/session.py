@@ -79,35 +79,33 @@ _NOT_FORWARDED = FORBIDDEN | {"STARTTLS", "PROXY", "BDAT"}
 # the MTA could not see such a violation: the proxy judges it. EHLO may be followed by a
 # group where early pipelining was advertised.
 SYNC_POINTS = frozenset({"HELO", "EHLO", "DATA", "NOOP", "VRFY"})
-# Characters of client-chosen text (the HELO name) written as \xHH in the text log, so no
-# HELO can make the line read as if another client had connected.
-_LOG_UNSAFE = re.compile(r'[^\x21-\x7e]|[()"\\]')
+# Characters written as \xHH in the text log: in the HELO name (between parentheses) blanks
+# and parentheses too, so no HELO can make the line read as if another client had connected;
+# in the quoted detail quotes, backslashes and control characters.
+_HELO_UNSAFE = re.compile(r'[^\x21-\x7e]|[()"\\]')
+_QUOTED_UNSAFE = re.compile(r'[^\x20-\x7e]|["\\]')
 
 
-def _log_text(text: str) -> str:
-    return _LOG_UNSAFE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+def _log_text(unsafe: re.Pattern[str], text: str) -> str:
+    return unsafe.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
-def _forwardable(lines: bytes, max_line: int, after: str) -> bool:
-    """Whether complete early ``lines`` may go to the MTA as the client sent them, ``after``
-    the verb of the last line already forwarded. Nothing may follow a sync point but EHLO's
-    group: the relay would end the session there, after the MTA had it all."""
+def _forwardable(lines: bytes, max_line: int, after: str) -> str | None:
+    """The verb of the last of complete early ``lines`` if they may go to the MTA as the
+    client sent them (``after`` the last verb already forwarded), else None. Nothing may
+    follow a sync point but EHLO's group: the relay would end the session there, after the
+    MTA had it all."""
     for line in lines.splitlines(keepends=True):
         if after in SYNC_POINTS - {"EHLO"} or len(line) > max_line:
-            return False
+            return None
         try:
             cmd = strict_command(line)
         except ProtocolError:
-            return False
+            return None
         if cmd.verb in _NOT_FORWARDED:
-            return False
+            return None
         after = cmd.verb
-    return True
-
-
-def _last_verb(lines: bytes) -> str:
-    last = lines.rstrip(b"\r\n").rsplit(b"\n", 1)[-1]
-    return last.split(b" ", 1)[0].upper().decode("ascii", "replace")
+    return after
 
 
 class _ClientGone(Exception):
@@ -189,7 +187,7 @@ class SessionLog:
                 }
             )
         parts = [
-            f"H=({_log_text(self.helo)}) [{self.client[0]}]:{self.client[1]}",
+            f"H=({_log_text(_HELO_UNSAFE, self.helo)}) [{self.client[0]}]:{self.client[1]}",
             f"I={self.listener}",
             f"X={self.tls}" if self.tls else "",
             f"U={self.upstream}",
@@ -204,14 +202,9 @@ class SessionLog:
             f"TS={self.time_saved * 1000:.3f}ms" if self.round_trips_saved else "",
             f"DT={duration:.3f}s",
             f"outcome={self.outcome}",
-            f'detail="{_log_text_spaced(self.detail)}"' if self.detail else "",
+            f'detail="{_log_text(_QUOTED_UNSAFE, self.detail)}"' if self.detail else "",
         ]
         return " ".join(p for p in parts if p)
-
-
-def _log_text_spaced(text: str) -> str:
-    """``_log_text`` keeping spaces: the detail is quoted."""
-    return " ".join(_log_text(part) for part in text.split(" "))
 
 
 def _client_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -394,7 +387,8 @@ class Session:
                     # may send, nor one the MTA could read as another command.
                     lines = bytes(early[forwarded : early.rfind(b"\n") + 1])
                     max_line = self.cfg.limits.max_command_line
-                    if not _forwardable(lines, max_line, last_verb):
+                    verb = _forwardable(lines, max_line, last_verb)
+                    if verb is None:
                         refused.append("defer")
                         scope.cancel()
                         return
@@ -403,7 +397,7 @@ class Session:
                         assert self.up is not None
                         await self.up.forward_early(lines)
                         forwarded += len(lines)
-                        last_verb = _last_verb(lines)
+                        last_verb = verb
 
         async def open_upstream(scope: trio.CancelScope) -> None:
             up = self.cfg.upstream

@@ -268,7 +268,7 @@ class CommandReader:
         # bytes of one), DATA_PIECE bytes of a BDAT chunk, an end. A timeout bounds the
         # wait for the next unit, not each read, so a trickling client cannot stretch it.
         self.units = 0
-        self._piece = 0  # BDAT bytes since the last unit
+        self._piece = 0  # BDAT or discarded bytes since the last unit (_advance)
         self.discarded = 0  # bytes of a refused message dropped so far
         # In DATA: the last line end was a real CRLF (the DATA line's own CRLF at first), so
         # a "." line starting here would be the client's real end of data.
@@ -393,11 +393,16 @@ class CommandReader:
             return NEED_DATA
         data = self._buf.take(self._bdat_left)
         self._bdat_left -= len(data)
-        self._piece += len(data)
-        if self._piece >= DATA_PIECE:
-            self._piece = 0
-            self.units += 1
+        self._advance(len(data))
         return BdatChunk(data)
+
+    def _advance(self, n: int, lines: int = 0) -> None:
+        """Count ``n`` octets passed or dropped in bulk, holding ``lines`` line ends: a unit
+        per line, or per DATA_PIECE octets where there are none."""
+        self._piece += n
+        if lines or self._piece >= DATA_PIECE:
+            self.units += max(lines, 1)
+            self._piece = 0
 
     def _end_at_start(self) -> EndOfData | None:
         """The client's end of data, if the buffer starts with it after a real CRLF."""
@@ -471,11 +476,7 @@ class CommandReader:
             dropped = buf.take(drop)
             self.discarded += drop
             self._clean_line_start = False
-            self._piece += drop
-            lines = dropped.count(b"\n")
-            if lines or self._piece >= DATA_PIECE:
-                self.units += max(lines, 1)
-                self._piece = 0
+            self._advance(drop, dropped.count(b"\n"))
         return NEED_DATA
 
     def _normalized(self, chunk: bytes, mid_line: bool) -> bytes:

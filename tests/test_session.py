@@ -499,3 +499,17 @@ async def test_every_outcome_is_exported_at_zero_from_the_start() -> None:
         text = generate_latest(metrics.registry).decode()
     for outcome in ENDED:
         assert f'sessions_total{{listener="plain",outcome="{outcome}"}} 0.0' in text, outcome
+
+
+def test_log_line_escapes_what_a_peer_chose() -> None:
+    """The HELO name cannot forge the client address; the quoted detail (MTA reply text)
+    cannot end its quotes or the line, and stays readable."""
+    from proxy.session import SessionLog
+
+    log = SessionLog("plain", ("192.0.2.7", 4000), "127.0.0.1:2525")
+    log.helo = "x) [10.9.9.9]:1 I=plain"
+    log.detail = 'MTA: 421 4.3.2 "bye" (now)\nH=(evil) [10.9.9.9]'
+    line = log.render("text")
+    assert "\n" not in line
+    assert line.startswith(r"H=(x\x29\x20[10.9.9.9]:1\x20I=plain) [192.0.2.7]:4000 ")
+    assert r'detail="MTA: 421 4.3.2 \x22bye\x22 (now)\x0aH=(evil) [10.9.9.9]"' in line
