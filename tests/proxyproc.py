@@ -13,6 +13,20 @@ from typing import Any
 
 from tests.mta import free_port
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``python -m proxy ARGS`` as an operator runs it, output captured, exit code kept."""
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=ROOT,
+    )
+
 
 def to_toml(sections: dict[str, dict[str, Any]]) -> str:
     out = []

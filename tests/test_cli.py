@@ -8,6 +8,8 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
+from tests.proxyproc import run_cli
+
 MINIMUM = """\
 [listen]
 plain = ["127.0.0.1:2587"]
@@ -49,14 +51,8 @@ BAD_ERRORS = [
 ]
 
 
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "proxy", *args], capture_output=True, text=True, timeout=60
-    )
-
-
 def test_demo_learns_then_uses_early_pipelining() -> None:
-    result = run("demo")
+    result = run_cli("demo")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "session 1: classic" in out
@@ -71,7 +67,7 @@ def test_demo_learns_then_uses_early_pipelining() -> None:
 def test_check_config_minimum_ok(tmp_path: Path) -> None:
     path = tmp_path / "proxy.toml"
     path.write_text(MINIMUM)
-    result = run("check-config", str(path))
+    result = run_cli("check-config", str(path))
     assert result.returncode == 0, result.stderr
     assert "OK" in result.stdout
 
@@ -79,7 +75,7 @@ def test_check_config_minimum_ok(tmp_path: Path) -> None:
 def test_check_config_says_which_ipv6_listener_takes_ipv4(tmp_path: Path) -> None:
     path = tmp_path / "proxy.toml"
     path.write_text(MINIMUM.replace('"127.0.0.1:2587"', '"[::]:2587", "[::]:2588", "0.0.0.0:2588"'))
-    result = run("check-config", str(path))
+    result = run_cli("check-config", str(path))
     assert result.returncode == 0, result.stderr
     assert "plain: [::]:2587 (IPv6 and IPv4), [::]:2588, 0.0.0.0:2588;" in result.stdout
 
@@ -87,13 +83,13 @@ def test_check_config_says_which_ipv6_listener_takes_ipv4(tmp_path: Path) -> Non
 def test_check_config_names_the_bad_key(tmp_path: Path) -> None:
     path = tmp_path / "proxy.toml"
     path.write_text(MINIMUM.replace('"proxy-v2"', '"proxy-v9"'))
-    result = run("check-config", str(path))
+    result = run_cli("check-config", str(path))
     assert result.returncode == 1
     assert "upstream.client_identity" in result.stderr
 
 
 def test_version_is_the_package_metadata() -> None:
-    result = run("--version")
+    result = run_cli("--version")
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"pipeconnect-proxy {version('pipeconnect-proxy')}\n"
 
@@ -101,7 +97,7 @@ def test_version_is_the_package_metadata() -> None:
 def test_check_config_reports_every_error(tmp_path: Path) -> None:
     path = tmp_path / "proxy.toml"
     path.write_text(BAD)
-    result = run("check-config", str(path))
+    result = run_cli("check-config", str(path))
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr.splitlines() == [
@@ -112,7 +108,7 @@ def test_check_config_reports_every_error(tmp_path: Path) -> None:
 def test_check_config_json_errors(tmp_path: Path) -> None:
     path = tmp_path / "proxy.toml"
     path.write_text(BAD)
-    result = run("check-config", "--json", str(path))
+    result = run_cli("check-config", "--json", str(path))
     assert result.returncode == 1
     errors = [{"key": key, "message": message} for key, message in BAD_ERRORS]
     assert json.loads(result.stdout) == {"ok": False, "file": str(path), "errors": errors}
@@ -121,19 +117,19 @@ def test_check_config_json_errors(tmp_path: Path) -> None:
 def test_check_config_json_file_level_error(tmp_path: Path) -> None:
     path = tmp_path / "proxy.toml"
     path.write_text("[listen\n")
-    result = run("check-config", "--json", str(path))
+    result = run_cli("check-config", "--json", str(path))
     assert result.returncode == 1
     [error] = json.loads(result.stdout)["errors"]
     assert error["key"] == str(path)
     assert error["message"].startswith("TOML syntax error: ")
-    text = run("check-config", str(path))
+    text = run_cli("check-config", str(path))
     assert text.stderr.startswith(f"{path}: TOML syntax error: ")  # the file named once
 
 
 def test_check_config_json_ok(tmp_path: Path) -> None:
     path = tmp_path / "proxy.toml"
     path.write_text(MINIMUM.replace('"127.0.0.1:2587"', '"[::]:2587"'))
-    result = run("check-config", "--json", str(path))
+    result = run_cli("check-config", "--json", str(path))
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {
         "ok": True,
@@ -151,7 +147,7 @@ def test_check_config_json_ok(tmp_path: Path) -> None:
 def test_serve_reports_every_error(tmp_path: Path) -> None:
     path = tmp_path / "proxy.toml"
     path.write_text(BAD)
-    result = run("serve", "--config", str(path))
+    result = run_cli("serve", "--config", str(path))
     assert result.returncode == 2
     expected = [f"pipeconnect-proxy: {path}: {key}: {message}" for key, message in BAD_ERRORS]
     assert result.stderr.splitlines() == expected
@@ -163,7 +159,7 @@ def test_serve_with_an_unreadable_key_exits_cleanly(tmp_path: Path) -> None:
     missing = tmp_path / "missing.pem"
     tls = f'[tls]\ncertificate = "{missing}"\nkey = "{missing}"\n'
     path.write_text(MINIMUM.replace("2587", "0") + tls + '[metrics]\nlisten = ""\n')
-    result = run("serve", "--config", str(path))
+    result = run_cli("serve", "--config", str(path))
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert f"{path}: tls: " in result.stderr and "cannot read" in result.stderr

@@ -31,6 +31,7 @@ import pytest
 import yaml
 
 from tests.needs import skip_or_fail
+from tests.proxyproc import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_DIR = ROOT / "deploy" / "compose"
@@ -40,14 +41,7 @@ K8S_VERSIONS = ["1.28.0", kubernetes_validate.latest_version()]
 
 
 def check_config(path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "proxy", "check-config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        cwd=ROOT,
-    )
+    return run_cli("check-config", str(path), timeout=30)
 
 
 # --------------------------------------------------------------------------- Dockerfile

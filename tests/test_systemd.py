@@ -26,7 +26,7 @@ import pytest
 from proxy import notify
 from proxy.config import ServerConfig
 from tests.needs import skip_or_fail
-from tests.proxyproc import to_toml
+from tests.proxyproc import run_cli, to_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "deploy" / "systemd" / "pipeconnect-proxy.service"
@@ -215,14 +215,7 @@ def test_unit_settings_issue_14_asks_for() -> None:
 
 
 def test_example_config_passes_check_config() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "proxy", "check-config", str(EXAMPLE)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        cwd=ROOT,
-    )
+    proc = run_cli("check-config", str(EXAMPLE), timeout=30)
     assert proc.returncode == 0, proc.stderr
 
 

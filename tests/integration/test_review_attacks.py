@@ -64,6 +64,14 @@ NO_RELAY = {"smtpd_relay_restrictions": "reject_unauth_destination"}  # 127/8 ma
 SESSION_H = re.compile(r"H=\((.*?)\) \[([^\]]+)\]:(\d+)")
 
 
+def refused_recipient(c: Raw) -> None:
+    """Banner, EHLO, MAIL, then a RCPT the server refuses (relay denied), step by step."""
+    assert c.codes(1) == [220]
+    for cmd, code in ((HELLO, 250), (MAIL, 250), (b"RCPT TO:<nobody@elsewhere.test>\r\n", 554)):
+        c.send(cmd)
+        assert c.codes(1) == [code], cmd
+
+
 def rest(c: Raw, quiet: float = 2.0) -> tuple[list[Reply], bool]:
     """Every further reply until EOF (True) or ``quiet`` seconds of silence (False)."""
     c.sock.settimeout(quiet)
@@ -290,10 +298,7 @@ def test_control_postfix_flags_commands_behind_data(postfix_factory: PostfixFact
     its ``554 5.5.0 ... synchronization`` and nothing is stored."""
     pf = postfix_factory(proxy_protocol=False, forbid_unauth_pipelining=True, extra=NO_RELAY)
     with Raw(pf.port) as c:
-        assert c.codes(1) == [220]
-        for cmd, code in ((HELLO, 250), (MAIL, 250), (b"RCPT TO:<nobody@elsewhere.test>\r\n", 554)):
-            c.send(cmd)
-            assert c.codes(1) == [code], cmd
+        refused_recipient(c)
         c.send(BEHIND_DATA)
         replies, eof = rest(c)
     assert [r.code for r in replies] == [554] and eof, replies
@@ -311,10 +316,7 @@ def test_commands_behind_data_are_a_sync_error(
     pf = postfix_factory(proxy_protocol=True, forbid_unauth_pipelining=True, extra=NO_RELAY)
     proxy = proxy_factory(pf.port)
     with Raw(proxy.port) as c:
-        assert c.codes(1) == [220]
-        for cmd, code in ((HELLO, 250), (MAIL, 250), (b"RCPT TO:<nobody@elsewhere.test>\r\n", 554)):
-            c.send(cmd)
-            assert c.codes(1) == [code], cmd
+        refused_recipient(c)
         c.send(BEHIND_DATA)
         replies, eof = rest(c, quiet=3.0)
     time.sleep(2)
