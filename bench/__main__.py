@@ -6,8 +6,9 @@ Postfix (direct), native Exim 4.96 with `pipelining_connect_advertise_hosts = *`
 Writes raw CSVs and `summary.md` to `--out` (default bench/results/), plus PNG plots when
 matplotlib is importable. Needs root and `.ci/install` + `apt-get install haproxy`.
 
-    python -m bench                 # everything (P1 at 0/10/50/100 ms, P4, P2, P3)
+    python -m bench                 # everything (P1 at 0/10/50/100 ms, P4, P2, P3, P5, ...)
     python -m bench --quick         # CI: P1 at one RTT, a few sessions
+    python -m bench --only p5       # real Postfix behind each relay (bench/postfix_load.py)
     python -m bench --only p1 --rtts 50 --sessions 30
     python -m bench --only attack,mixed   # issue 6: good sessions under attack; 10k-slot load
 """
@@ -35,7 +36,7 @@ from bench.peers import Floor, HAProxy, bench_proxy, missing_peers, raise_nofile
 from tests.mta import EximServer, Postfix, free_port, missing_software
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-PHASES = ("p1", "p4", "p2", "p3", "attack", "mixed")
+PHASES = ("p1", "p4", "p2", "p3", "p5", "attack", "mixed")
 
 
 def write_csv(path: Path, rows: Sequence[Any]) -> None:
@@ -151,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--p2-messages", type=int, default=10000)
     ap.add_argument("--p2-rounds", type=int, default=5, help="P2: paths take turns this often")
     ap.add_argument("--p3-sessions", nargs="+", type=int, default=[1000, 5000, 9900])
+    ap.add_argument("--p5-messages", type=int, default=3000, help="P5: per path and round")
+    ap.add_argument("--p5-rounds", type=int, default=5, help="P5: every path once per round")
     ap.add_argument("--attack-sessions", type=int, default=200, help="good sessions per phase")
     ap.add_argument("--slowloris", type=int, default=500, help="attack: slowloris connections")
     ap.add_argument("--flooders", type=int, default=20, help="attack: pre-banner flood loops")
@@ -163,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         args.only = "p1" if args.only == ",".join(PHASES) else args.only
         args.rtts, args.sessions = ["10"], min(args.sessions, 3)
         args.p4_sessions, args.p2_messages, args.p3_sessions = 20, 500, [200]
+        args.p5_messages, args.p5_rounds = 200, 1
         args.attack_sessions, args.slowloris, args.flooders = 10, 20, 2
         args.mixed_sessions, args.mixed_seconds = 60, 8
     phases = [p.strip() for p in args.only.split(",") if p.strip()]
@@ -204,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
                 from bench.load import phase_p3
 
                 summary += phase_p3(args, workdir, out, write_csv)
+            elif phase == "p5":
+                from bench.postfix_load import phase_p5
+
+                summary += phase_p5(args, workdir, out, write_csv)
             elif phase == "attack":
                 from bench.attack import phase_attack
 

@@ -2,6 +2,8 @@
 
 - ``trio``: what any trio relay pays per session: accept, a direct non-blocking connect
   (as the proxy's), one task per direction, ``receive_some``/``send_all`` until EOF.
+  ``trio-v2`` first sends a PROXY v2 header (``proxy.proxyproto``, as the proxy's
+  ``proxy-v2`` upstream identity), for an MTA that expects one (P5).
 - ``epoll``: the same in plain Python on ``select.epoll``, one thread, no framework: what
   the interpreter itself costs.
 - ``epoll-smtp``: ``epoll`` plus the proxy's sans-I/O framing of both directions
@@ -11,13 +13,14 @@
 The proxy's CPU per session minus the trio floor is what its SMTP tracking costs; the trio
 floor minus the epoll floor is what the framework costs (bench/RESULTS.md).
 
-    python -m bench.floors trio|epoll|epoll-smtp LISTEN_PORT UPSTREAM_PORT   # loopback only
+    python -m bench.floors trio|trio-v2|epoll|epoll-smtp LISTEN_PORT UPSTREAM_PORT   # loopback only
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import functools
 import select
 import socket
@@ -26,6 +29,7 @@ from collections.abc import Callable
 
 import trio
 
+from proxy.proxyproto import encode_v2
 from proxy.smtp import (
     NEED_DATA,
     Command,
@@ -47,7 +51,9 @@ async def _pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
         pass
 
 
-async def _trio_session(client: trio.SocketStream, upstream_port: int) -> None:
+async def _trio_session(
+    client: trio.SocketStream, upstream_port: int, proxy_v2: bool = False
+) -> None:
     sock = trio.socket.socket()
     try:
         await sock.connect((LOCAL, upstream_port))
@@ -57,14 +63,19 @@ async def _trio_session(client: trio.SocketStream, upstream_port: int) -> None:
         return
     up = trio.SocketStream(sock)
     async with client, up, trio.open_nursery() as nursery:
+        if proxy_v2:
+            peer, local = client.socket.getpeername(), client.socket.getsockname()
+            with contextlib.suppress(trio.BrokenResourceError):
+                await up.send_all(encode_v2(peer[:2], local[:2]))
         nursery.start_soon(_pump, up, client)
         await _pump(client, up)
 
 
-async def trio_relay(port: int, upstream_port: int) -> None:
+async def trio_relay(port: int, upstream_port: int, proxy_v2: bool = False) -> None:
     listeners = await trio.open_tcp_listeners(port, host=LOCAL, backlog=4096)
     await trio.serve_listeners(
-        functools.partial(_trio_session, upstream_port=upstream_port), listeners
+        functools.partial(_trio_session, upstream_port=upstream_port, proxy_v2=proxy_v2),
+        listeners,
     )
 
 
@@ -201,13 +212,13 @@ def epoll_relay(port: int, upstream_port: int, track: bool = False) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.floors", description=__doc__)
-    ap.add_argument("kind", choices=["trio", "epoll", "epoll-smtp"])
+    ap.add_argument("kind", choices=["trio", "trio-v2", "epoll", "epoll-smtp"])
     ap.add_argument("port", type=int)
     ap.add_argument("upstream_port", type=int)
     args = ap.parse_args(argv)
     try:
-        if args.kind == "trio":
-            trio.run(trio_relay, args.port, args.upstream_port)
+        if args.kind in ("trio", "trio-v2"):
+            trio.run(trio_relay, args.port, args.upstream_port, args.kind == "trio-v2")
         else:
             epoll_relay(args.port, args.upstream_port, track=args.kind == "epoll-smtp")
     except KeyboardInterrupt:

@@ -21,6 +21,7 @@ import trio
 from bench.delay import MAX_SEND_LAG, DelayRelay, calibrate
 from bench.floors import _Tracker
 from bench.peers import Floor, missing_peers
+from proxy.proxyproto import parse_header
 from tests.conftest import require_mtas
 
 
@@ -167,6 +168,27 @@ def test_bench_quick_p2_runs(tmp_path: Path) -> None:
     assert "## P2" in (out / "summary.md").read_text()
 
 
+def test_bench_quick_p5_runs(tmp_path: Path) -> None:
+    """`--quick --only p5`: every path (direct, HAProxy send-proxy-v2, the trio floor with its
+    PROXY v2 header, the proxy with 1 and 2 workers) delivers smtp-source's messages into one
+    real Postfix without an error, and Postfix discarded every one; never timing."""
+    out = run_quick(tmp_path, "--only", "p5", timeout=60)
+    paths = ["direct", "haproxy", "trio-floor", "proxy", "proxy-2w"]
+    with (out / "p5.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["path"] for r in rows] == paths
+    assert all(r["errors"] == "0" and float(r["msgs_per_s"]) > 0 for r in rows), rows
+    with (out / "p5-rounds.csv").open() as f:
+        rounds = list(csv.DictReader(f))
+    assert sorted(r["path"] for r in rounds) == sorted(paths)  # --quick: 1 round of each
+    assert all(r["messages"] == "200" for r in rounds), rounds
+    result = json.loads((out / "p5.json").read_text())
+    assert result["warmup_errors"] == 0, result
+    # Nothing lost on any path: Postfix's discard agent logged every message sent.
+    assert result["postfix_discarded"] == result["sent"] > 0, result
+    assert "## P5" in (out / "summary.md").read_text()
+
+
 @pytest.mark.parametrize("kind", ["trio", "epoll", "epoll-smtp"])
 async def test_floor_relays_pass_bytes_both_ways(kind: str) -> None:
     """P2's floors (bench/floors.py) relay a banner, 2 MiB each way and the half-close."""
@@ -199,6 +221,38 @@ async def test_floor_relays_pass_bytes_both_ways(kind: str) -> None:
         finally:
             await trio.to_thread.run_sync(floor.stop)
         nursery.cancel_scope.cancel()
+
+
+async def test_trio_v2_floor_sends_a_proxy_v2_header() -> None:
+    """P5's trio floor (`trio-v2`) starts each upstream connection with a PROXY v2 header
+    naming the client's address, then relays the client's bytes."""
+    got = bytearray()
+
+    async def server(stream: trio.SocketStream) -> None:
+        async with stream:
+            while data := await stream.receive_some(65536):
+                got.extend(data)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        nursery.start_soon(trio.serve_listeners, server, listeners)
+        upstream = listeners[0].socket.getsockname()[1]
+        floor = await trio.to_thread.run_sync(lambda: Floor("trio-v2", upstream).start())
+        try:
+            with trio.fail_after(20):
+                stream = await trio.open_tcp_stream("127.0.0.1", floor.port)
+                async with stream:
+                    client = stream.socket.getsockname()[:2]
+                    await stream.send_all(b"EHLO a.test\r\n")
+                    await stream.send_eof()
+                    assert await stream.receive_some(100) == b""
+        finally:
+            await trio.to_thread.run_sync(floor.stop)
+        nursery.cancel_scope.cancel()
+    header = parse_header(bytes(got))
+    assert header is not None and header.version == 2, bytes(got)
+    assert header.src == client and header.dst == ("127.0.0.1", floor.port)
+    assert bytes(got[header.length :]) == b"EHLO a.test\r\n"
 
 
 def test_smtp_floor_pairs_commands_and_replies() -> None:
