@@ -31,6 +31,8 @@ __all__ = [
     "CLIENT_IDENTITIES",
     "EARLY_INPUT_POLICIES",
     "LOG_FORMATS",
+    "MOZILLA_INTERMEDIATE_CIPHERS",
+    "TLS_MIN_VERSIONS",
     "UPSTREAM_TLS_MODES",
     "Address",
     "BareNewline",
@@ -47,10 +49,12 @@ __all__ = [
     "PipeConnectConfig",
     "ServerConfig",
     "TLSConfig",
+    "TLSVersion",
     "TimeoutsConfig",
     "UpstreamConfig",
     "UpstreamTLS",
     "load_config",
+    "parse_address",
     "parse_config",
 ]
 
@@ -59,12 +63,23 @@ EarlyInputPolicy = Literal["defer", "reject", "forward", "accept"]
 BareNewline = Literal["reject", "normalize"]
 LogFormat = Literal["text", "json"]
 UpstreamTLS = Literal["none", "starttls"]
+TLSVersion = Literal["TLSv1.2", "TLSv1.3"]
 
 CLIENT_IDENTITIES: tuple[ClientIdentity, ...] = ("proxy-v1", "proxy-v2", "xclient", "none")
 EARLY_INPUT_POLICIES: tuple[EarlyInputPolicy, ...] = ("defer", "reject", "forward", "accept")
 BARE_NEWLINE_POLICIES: tuple[BareNewline, ...] = ("reject", "normalize")
 LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
 UPSTREAM_TLS_MODES: tuple[UpstreamTLS, ...] = ("none", "starttls")
+TLS_MIN_VERSIONS: tuple[TLSVersion, ...] = ("TLSv1.2", "TLSv1.3")  # tls.TLS_VERSIONS' names
+
+# Mozilla "intermediate" (server side TLS guidelines v5.7) TLS 1.2 cipher list: the default of
+# tls.ciphers. TLS 1.3 suites are OpenSSL's defaults, which are exactly Mozilla's TLS 1.3 list.
+MOZILLA_INTERMEDIATE_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
+    "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384:DHE-RSA-CHACHA20-POLY1305"
+)
 
 
 class Address(NamedTuple):
@@ -148,6 +163,10 @@ class TimeoutsConfig:
 class TLSConfig:
     certificate: str = ""
     key: str = ""
+    min_version: TLSVersion = "TLSv1.2"  # the lowest version a client may negotiate
+    ciphers: str = MOZILLA_INTERMEDIATE_CIPHERS  # OpenSSL cipher string, TLS 1.2 only
+    # Stateless session tickets; off, TLS 1.2 resumes by session id, 1.3 by stateful ticket.
+    session_tickets: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,7 +424,8 @@ def _boolean(value: Any, key: str) -> bool:
 def _seconds(value: Any, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(key, f"must be a number of seconds, not {_tname(value)}")
-    # TOML has inf and nan; every wait must end (DESIGN section 3), so neither is allowed.
+    # TOML has inf and nan; every wait must end (docs/invariants.md, "Every wait and every
+    # write ends"), so neither is allowed.
     if not math.isfinite(value) or value <= 0:
         raise ConfigError(key, f"must be a positive, finite number of seconds, not {value}")
     return float(value)
@@ -417,7 +437,9 @@ _HOSTNAME = re.compile(
 _IPV4ISH = re.compile(r"[0-9.]+", re.ASCII)
 
 
-def _address(value: Any, key: str, *, min_port: int = 0) -> Address:
+def parse_address(value: Any, key: str, *, min_port: int = 0) -> Address:
+    """``host:port`` (IPv6 in brackets) as an ``Address``; anything else is a ``ConfigError``
+    naming ``key`` (``probe`` parses its target with it too)."""
     text = _string(value, key)
     host, colon, port_text = text.rpartition(":")
     if not colon or not host:
@@ -460,15 +482,15 @@ def _is_ipv6(text: str) -> bool:
 
 def _listeners(value: Any, key: str) -> tuple[Address, ...]:
     # Port 0 is allowed for listeners: "any free port", which tests and demos rely on.
-    return _each(_address, value, key)
+    return _each(parse_address, value, key)
 
 
 def _upstream_address(value: Any, key: str) -> Address:
-    return _address(value, key, min_port=1)
+    return parse_address(value, key, min_port=1)
 
 
 def _metrics_listen(value: Any, key: str) -> Address | None:
-    return None if _string(value, key) == "" else _address(value, key)
+    return None if _string(value, key) == "" else parse_address(value, key)
 
 
 def _hosts(value: Any, key: str) -> HostList:
@@ -481,6 +503,28 @@ def _host(value: Any, key: str) -> HostEntry:
     except ConfigError as exc:  # HostList.parse named it key[0]: this item parsed alone
         raise ConfigError(key, exc.message) from None
     return entry
+
+
+_CIPHER_STRING = re.compile(r"[A-Za-z0-9!+@=_.,: -]+", re.ASCII)
+
+
+def _ciphers(value: Any, key: str) -> str:
+    text = _string(value, key)
+    if not _CIPHER_STRING.fullmatch(text):
+        raise ConfigError(
+            key, f"{text!r} is not an OpenSSL cipher string (e.g. 'ECDHE+AESGCM:ECDHE+CHACHA20')"
+        )
+    # Only a file that sets the key pays for loading OpenSSL here; the proxy needs it anyway,
+    # and only OpenSSL can tell whether the string leaves any cipher.
+    from OpenSSL import SSL
+
+    try:
+        SSL.Context(SSL.TLS_SERVER_METHOD).set_cipher_list(text.encode("ascii"))
+    except SSL.Error:
+        raise ConfigError(
+            key, f"{text!r}: OpenSSL knows no TLS 1.2 cipher by that (see `openssl ciphers`)"
+        ) from None
+    return text
 
 
 _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*", re.ASCII)
@@ -555,7 +599,17 @@ _SECTIONS: dict[str, _Section] = {
         (),
     ),
     "timeouts": (TimeoutsConfig, {f.name: _seconds for f in fields(TimeoutsConfig)}, ()),
-    "tls": (TLSConfig, {"certificate": _string, "key": _string}, ()),
+    "tls": (
+        TLSConfig,
+        {
+            "certificate": _string,
+            "key": _string,
+            "min_version": _choice(TLS_MIN_VERSIONS),
+            "ciphers": _ciphers,
+            "session_tickets": _boolean,
+        },
+        (),
+    ),
     "metrics": (MetricsConfig, {"listen": _metrics_listen}, ()),
     "log": (LogConfig, {"format": _choice(LOG_FORMATS)}, ()),
     "server": (

@@ -68,6 +68,18 @@ def try_receive(stream: trio.abc.Stream, max_bytes: int) -> bytes | None:
         return None
 
 
+def poll_receive(stream: trio.SocketStream, max_bytes: int) -> bytes | None:
+    """Bytes already readable (``b""`` at EOF) or ``None``, whatever the budget and even
+    with the fast paths off: one look at what a peer has sent so far, not a loop."""
+    sock: socket.socket = stream.socket._sock  # type: ignore[attr-defined]
+    try:
+        return sock.recv(max_bytes)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        raise _stream_error(exc) from exc
+
+
 def try_send(stream: trio.abc.Stream, data: bytes) -> int:
     """How many leading bytes of ``data`` went out without blocking; ``send_all`` the rest."""
     sock = _raw(stream)

@@ -18,20 +18,14 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .addresses import IPAddress, unmap
 from .errors import ConfigError
 
 __all__ = ["ConfigError", "HostEntry", "HostList", "IPAddress", "IPNetwork"]
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
-
-
-def _unmap_address(addr: IPAddress) -> IPAddress:
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
 
 
 def _unmap_network(net: IPNetwork) -> IPNetwork:
@@ -80,8 +74,9 @@ class HostList:
         return cls(tuple(_parse_entry(item, f"{key}[{i}]") for i, item in enumerate(items)))
 
     def matches(self, addr: str | IPAddress) -> bool:
-        """Whether ``addr`` is in the list. A string that is not an IP address: ValueError."""
-        ip = _unmap_address(ipaddress.ip_address(addr) if isinstance(addr, str) else addr)
+        """Whether ``addr`` is in the list (IPv4-mapped as IPv4, a zone ignored). A string that
+        is not an IP address: ValueError."""
+        ip = unmap(addr)
         for entry in self.entries:
             if entry.matches(ip):
                 return not entry.negated

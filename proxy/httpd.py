@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import trio
 from prometheus_client.exposition import choose_encoder
 
+from .addresses import Endpoint
 from .config import Address
 from .listen import AcceptErrors, open_listeners, serve_listeners
 from .metrics import Metrics
-from .upstream import Endpoint
 
 log = logging.getLogger("pipeconnect.httpd")
 

@@ -9,13 +9,11 @@ added once, by ``record_session``. The HTTP endpoint serving them is ``proxy.htt
 
 from __future__ import annotations
 
-import socket
-import struct
 import time
 import tomllib
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CollectorRegistry,
@@ -31,7 +29,7 @@ from prometheus_client.process_collector import ProcessCollector
 from .outcomes import ENDED, Outcome
 
 if TYPE_CHECKING:
-    from .session import SessionLog
+    from .sessionlog import SessionLog
 
 # `*_created` series double the number of series for little use, and exporters written in
 # Go (what operators compare us with) do not have them.
@@ -64,21 +62,6 @@ VERSION = package_version()
 
 # Session outcomes that mean the TLS handshake with the client failed, and the reason label.
 _TLS_FAILURES = {Outcome.TLS_FAILED: "handshake-error", Outcome.TLS_TIMEOUT: "timeout"}
-
-# struct tcp_info (linux/tcp.h): eight u8 fields, then u32s; tcpi_rtt is the 16th (usec).
-_TCPI_RTT = struct.Struct("=I")
-_TCPI_RTT_OFFSET = 8 + 15 * 4
-
-
-def tcp_rtt(sock: Any) -> float | None:
-    """The kernel's smoothed RTT for a connected TCP socket, in seconds (Linux only)."""
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-    except (OSError, AttributeError):
-        return None
-    if len(info) < _TCPI_RTT_OFFSET + 4:
-        return None
-    return float(_TCPI_RTT.unpack_from(info, _TCPI_RTT_OFFSET)[0]) / 1e6
 
 
 class Metrics:

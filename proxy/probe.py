@@ -24,17 +24,18 @@ from typing import Any
 
 import trio
 
-from .config import Address, _address
+from .config import Address, parse_address
 from .errors import ConfigError
-from .metrics import tcp_rtt
 from .smtp import EARLY_PIPELINING_KEYWORDS, ProtocolError, Reply, ReplyReader, ehlo_keywords
+from .tcpinfo import tcp_rtt
 
 DEFAULT_PORT = 25
-# Round trips a client waits for after the TCP handshake (DESIGN.md section 1). Classic
-# cleartext: the banner (half a round trip: the server greets when the handshake completes),
-# EHLO, then the pipelined MAIL/RCPT/DATA = 2.5; early: one flight for all of it = 1.
-# STARTTLS: banner, EHLO, STARTTLS, then EHLO and the envelope after the handshake = 4.5;
-# early: EHLO+STARTTLS, then EHLO+envelope = 2. The TLS handshake costs the same either way.
+# Round trips a client waits for after the TCP handshake (the waits the session log's RT
+# counts: README, "Behaviour"). Classic cleartext: the banner (half a round trip: the server
+# greets when the handshake completes), EHLO, then the pipelined MAIL/RCPT/DATA = 2.5; early:
+# one flight for all of it = 1. STARTTLS: banner, EHLO, STARTTLS, then EHLO and the envelope
+# after the handshake = 4.5; early: EHLO+STARTTLS, then EHLO+envelope = 2. The TLS handshake
+# costs the same either way.
 ROUND_TRIPS_SAVED = {"cleartext": 1.5, "starttls": 2.5}
 # Extensions an operator checking a deployment asks about, shown in this order.
 FEATURES = ("PIPELINING", "STARTTLS", "CHUNKING", "SIZE", "8BITMIME", "SMTPUTF8", "DSN", "AUTH")
@@ -51,7 +52,7 @@ def parse_target(text: str) -> Address:
     if text.endswith("]") or ":" not in text:
         text = f"{text}:{DEFAULT_PORT}"
     try:
-        return _address(text, "HOST[:PORT]", min_port=1)
+        return parse_address(text, "HOST[:PORT]", min_port=1)
     except ConfigError as exc:
         raise ProbeError(str(exc)) from None
 

@@ -17,8 +17,8 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-Endpoint = tuple[str, int]
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+from .addresses import Endpoint as Endpoint  # re-exported: a header's src and dst
+from .addresses import IPAddress, unmap
 
 V1_MAX_LENGTH = 107  # "PROXY TCP6 <39> <39> 65535 65535\r\n"
 V1_PREFIX = b"PROXY "
@@ -75,18 +75,6 @@ class ProxyHeader:
 # ---------------------------------------------------------------------------------- encoding
 
 
-def _ip(host: str) -> IPAddress:
-    try:
-        addr = ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"not an IP address: {host!r}") from None
-    if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped is not None:
-            return addr.ipv4_mapped
-        return ipaddress.IPv6Address(addr.packed)  # drops a %scope suffix
-    return addr
-
-
 def _port(port: int) -> int:
     if not 0 <= port <= 0xFFFF:
         raise ValueError(f"port out of range: {port}")
@@ -100,14 +88,15 @@ def _map6(addr: IPAddress) -> ipaddress.IPv6Address:
 
 
 def _text(addr: IPAddress) -> str:
-    """Canonical text; IPv4-mapped as ``::ffff:192.0.2.1`` on every Python version."""
+    """Canonical text; IPv4-mapped as ``::ffff:192.0.2.1`` on every Python version (the
+    inverse of ``unmap``: only a pair of mixed families, mapped by ``_map6``, has one)."""
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         return f"::ffff:{addr.ipv4_mapped}"
     return str(addr)
 
 
 def _pair(src: Endpoint, dst: Endpoint) -> tuple[IPAddress, IPAddress]:
-    s, d = _ip(src[0]), _ip(dst[0])
+    s, d = unmap(src[0]), unmap(dst[0])
     _port(src[1])
     _port(dst[1])
     if s.version != d.version:
@@ -153,6 +142,28 @@ def _encode_tlvs(tlvs: Sequence[tuple[int, bytes]]) -> bytes:
 # ---------------------------------------------------------------------------------- XCLIENT
 
 
+def tls_tlv(version: str, cipher: str | None) -> tuple[int, bytes]:
+    """PP2_TYPE_SSL: the client connected over TLS (no client certificate asked for)."""
+    sub = [(PP2_SUBTYPE_SSL_VERSION, version.encode())]
+    if cipher:
+        sub.append((PP2_SUBTYPE_SSL_CIPHER, cipher.encode()))
+    body = b"".join(struct.pack("!BH", t, len(v)) + v for t, v in sub)
+    # client: PP2_CLIENT_SSL; verify: 0 (nothing to verify, no client certificate)
+    return PP2_TYPE_SSL, struct.pack("!BI", 0x01, 0) + body
+
+
+def identity_header(
+    method: str, client: Endpoint, local: Endpoint, tlvs: Sequence[tuple[int, bytes]] = ()
+) -> bytes:
+    """Bytes sent before anything else, so the MTA judges the real client address
+    (XCLIENT, which follows the banner, is not a header: b"")."""
+    if method == "proxy-v2":
+        return encode_v2(client, local, tlvs)
+    if method == "proxy-v1":
+        return encode_v1(client, local)
+    return b""
+
+
 def xtext(value: str) -> str:
     """RFC 3461 xtext as Postfix XCLIENT expects: bytes outside 33..126, ``+`` and ``=`` as +XX."""
     return "".join(
@@ -161,21 +172,14 @@ def xtext(value: str) -> str:
     )
 
 
-def xclient_command(
-    addr: str,
-    port: int,
-    *,
-    helo: str | None = None,
-    name: str | None = None,
-    proto: str | None = None,
-) -> bytes:
-    """``XCLIENT ADDR=... PORT=... [NAME=...] [HELO=...] [PROTO=...]\\r\\n`` (Postfix syntax;
-    an IPv6 address is written ``IPV6:...``, an IPv4-mapped one as plain IPv4)."""
-    ip = _ip(addr)
+def xclient_command(addr: str, port: int, *, name: str | None = None) -> bytes:
+    """``XCLIENT ADDR=... PORT=... [NAME=...]\\r\\n`` (Postfix syntax; an IPv6 address is
+    written ``IPV6:...``, an IPv4-mapped one as plain IPv4). The client's HELO comes from the
+    client itself, after the MTA's new 220, so the proxy never sends ``HELO=``/``PROTO=``."""
+    ip = unmap(addr)
     attrs = [("ADDR", str(ip) if ip.version == 4 else f"IPV6:{ip}"), ("PORT", str(_port(port)))]
-    for key, value in (("NAME", name), ("HELO", helo), ("PROTO", proto)):
-        if value is not None:
-            attrs.append((key, value))
+    if name is not None:
+        attrs.append(("NAME", name))
     return ("XCLIENT " + " ".join(f"{k}={xtext(v)}" for k, v in attrs) + "\r\n").encode("ascii")
 
 

@@ -15,15 +15,15 @@ from pathlib import Path
 import trio
 
 from . import notify
+from .addresses import Endpoint, unmap
 from .config import Address, Config, ConfigError, load_config
 from .httpd import Health, serve_http
 from .listen import AcceptErrors, open_listeners, serve_listeners
 from .metrics import Metrics
 from .outcomes import Outcome
-from .session import Session, _client_ip
+from .session import Session
 from .smtp import Reply
 from .tls import TLSConfigError, client_context, server_context
-from .upstream import Endpoint
 
 log = logging.getLogger("pipeconnect.server")
 
@@ -113,7 +113,7 @@ def enable_fast_open(listeners: list[trio.SocketListener], queue: int) -> bool:
 def _endpoint(sockaddr: tuple[str, int] | tuple[str, int, int, int]) -> Endpoint:
     """(host, port); an IPv4 peer of a dual-stack ``[::]`` socket (``::ffff:a.b.c.d``) as
     IPv4 on both ends, so a PROXY header never mixes families."""
-    return (str(_client_ip(sockaddr[0])), sockaddr[1])
+    return (str(unmap(sockaddr[0])), sockaddr[1])
 
 
 class Bound(list[Endpoint]):
@@ -135,9 +135,16 @@ class Snapshot:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        tls = config.tls
         self.tls_context = (
-            server_context(config.tls.certificate, config.tls.key)
-            if config.tls.certificate
+            server_context(
+                tls.certificate,
+                tls.key,
+                min_version=tls.min_version,
+                ciphers=tls.ciphers,
+                session_tickets=tls.session_tickets,
+            )
+            if tls.certificate
             else None
         )
         up = config.upstream

@@ -84,9 +84,8 @@ class DataRefused:
 
 @dataclass(frozen=True, slots=True)
 class Closed:
-    """The client closed its side; ``partial`` tells whether bytes were left unframed."""
-
-    partial: bool
+    """The client closed its side. Bytes it left unframed (an unfinished line, message or
+    chunk) are dropped: nothing acts on a part of a command."""
 
 
 ClientEvent = Command | DataChunk | EndOfData | DataRefused | BdatChunk | BdatEnd | RawLine | Closed
@@ -345,8 +344,7 @@ class CommandReader:
         if event is NEED_DATA:
             if not self._eof:
                 return event
-            partial = len(self._buf) > 0 or self._discarding or self._mode is not _Mode.COMMAND
-            event = Closed(partial=partial)
+            event = Closed()
         if not isinstance(event, BdatChunk):
             self.units += 1
         return event
@@ -577,8 +575,15 @@ def ends_group(cmd: Command) -> bool:
 # One keyword per Exim generation (EARLY_PIPE_FEATURE_NAME in its src/src/macros.h): 4.96+
 # PIPECONNECT, 4.94.1-4.95 PIPE_CONNECT, 4.92-4.94 X_PIPE_CONNECT. Each matches only its own.
 EARLY_PIPELINING_KEYWORDS: Final = ("PIPECONNECT", "PIPE_CONNECT", "X_PIPE_CONNECT")
-# Extensions only the proxy may use, or that a client must not see from the MTA directly.
-PROXY_ONLY_KEYWORDS: Final = frozenset({"XCLIENT", "XFORWARD", "STARTTLS"})
+# Commands only the proxy may send to the MTA: they tell it who the client is, so a client's
+# own is refused (550), never relayed. A PROXY header is not among them: it is not an SMTP
+# command but the connection's first bytes in another protocol, refused by CommandReader
+# (554, fatal) wherever it appears, and the MTA takes it only as the very first bytes.
+PROXY_ONLY_VERBS: Final = frozenset({"XCLIENT", "XFORWARD"})
+# EHLO keywords the proxy removes from the MTA's reply: the extensions of those commands,
+# and STARTTLS, which the MTA offers on its own (cleartext) leg; the proxy offers its own
+# STARTTLS when it terminates TLS (rewrite_ehlo).
+PROXY_ONLY_KEYWORDS: Final = PROXY_ONLY_VERBS | {"STARTTLS"}
 
 
 def ehlo_keywords(reply: Reply) -> dict[str, str]:
@@ -596,7 +601,6 @@ def rewrite_ehlo(
     *,
     keywords: tuple[str, ...],
     starttls: bool = False,
-    chunking: bool = True,
 ) -> Reply:
     """The EHLO reply as the client should see it.
 
@@ -608,8 +612,6 @@ def rewrite_ehlo(
     if reply.code != 250:
         return reply
     drop = set(EARLY_PIPELINING_KEYWORDS) | PROXY_ONLY_KEYWORDS | {k.upper() for k in keywords}
-    if not chunking:
-        drop.add("CHUNKING")
     lines: list[bytes] = [reply.lines[0]]
     inserted = False
 

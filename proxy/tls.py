@@ -49,6 +49,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from OpenSSL import SSL
 
+from .config import MOZILLA_INTERMEDIATE_CIPHERS
+
 __all__ = [
     "MOZILLA_INTERMEDIATE_CIPHERS",
     "TLS_VERSIONS",
@@ -59,15 +61,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-
-# Mozilla "intermediate" (server side TLS guidelines v5.7) TLS 1.2 cipher list. TLS 1.3
-# suites are OpenSSL's defaults, which are exactly Mozilla's TLS 1.3 list.
-MOZILLA_INTERMEDIATE_CIPHERS: Final = (
-    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
-    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
-    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
-    "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384:DHE-RSA-CHACHA20-POLY1305"
-)
 
 TLS_VERSIONS: Final = {"TLSv1.2": SSL.TLS1_2_VERSION, "TLSv1.3": SSL.TLS1_3_VERSION}
 

@@ -48,11 +48,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from . import notify
+from .addresses import Endpoint
 from .config import Address, Config, MetricsConfig
 from .httpd import Health, MetricsServer, Request, Response
 from .listen import bind, open_listeners
 from .metrics import Metrics
-from .upstream import Endpoint
 
 log = logging.getLogger("pipeconnect.workers")
 

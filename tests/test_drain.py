@@ -17,6 +17,7 @@ from proxy.server import Bound, Runtime, serve
 from tests.proxyproc import to_toml
 
 from .fakemta import FakeMTA
+from .samples import sample
 from .test_session import ENVELOPE, MESSAGE, Client, make_config
 
 
@@ -69,7 +70,7 @@ async def test_open_session_finishes_its_message_within_the_grace() -> None:
             await returned.wait()
         await client.stream.aclose()
     assert mta.messages == [MESSAGE]
-    assert metrics.sessions.labels("plain", "quit")._value.get() == 1
+    assert sample(metrics, "sessions_total", listener="plain", outcome="quit") == 1
 
 
 async def test_grace_over_ends_idle_session_with_421() -> None:
@@ -87,7 +88,7 @@ async def test_grace_over_ends_idle_session_with_421() -> None:
             await returned.wait()
         await client.stream.aclose()
     assert mta.messages == []  # the open transaction was not completed upstream
-    assert metrics.sessions.labels("plain", "shutdown")._value.get() == 1
+    assert sample(metrics, "sessions_total", listener="plain", outcome="shutdown") == 1
 
 
 async def test_stop_with_no_sessions_returns_at_once() -> None:

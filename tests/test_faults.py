@@ -39,6 +39,7 @@ from proxy.server import serve
 from proxy.smtp import Reply, ReplyReader
 
 from .faultmta import BEHAVIOURS, FAULT_REPLY, STEPS, FaultMTA, reset
+from .samples import sample
 from .test_session import make_config
 
 PATHS = ("early", "relay")
@@ -402,13 +403,14 @@ async def run_row(row: Row, caplog: pytest.LogCaptureFixture) -> tuple[Result, F
             # The session must end by itself, within its timeouts.
             with trio.fail_after(5):
                 # Polled: no event marks the end of a handler task or a gauge going to 0.
-                while session_tasks() or metrics.active.labels("plain")._value.get():  # noqa: ASYNC110
+                plain = {"listener": "plain"}
+                while session_tasks() or sample(metrics, "active_sessions", **plain):  # noqa: ASYNC110
                     await trio.sleep(0.01)
             gc.collect()
             leaked = session_sockets(port, mta.port, mta.filler_port)
             leaked += [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
             ended = sessions_ended(metrics)
-            messages = metrics.messages._value.get()
+            messages = sample(metrics, "relayed_messages_total")
     lines = [r.getMessage() for r in caplog.records if r.name == "pipeconnect.session"]
 
     # -- no forged reply: the client's codes are the MTA's, then at most one 421 of ours.

@@ -18,6 +18,7 @@ from proxy.server import serve
 from proxy.smtp import Reply, ReplyReader
 
 from .fakemta import CLOSE, STALL, FakeMTA
+from .samples import sample
 
 ENVELOPE = b"MAIL FROM:<a@src.test>\r\nRCPT TO:<b@dest.test>\r\nDATA\r\n"
 MESSAGE = b"Subject: t\r\n\r\nline one\r\n..dot stuffed\r\n"
@@ -108,8 +109,8 @@ async def test_early_pipelining_replayed_in_one_write() -> None:
     assert mta.violations == []
     assert mta.messages == [MESSAGE]
     assert mta.proxy_sources == [("127.0.0.1", mta.proxy_sources[0][1])]
-    assert metrics.used._value.get() == 1
-    assert metrics.advertised._value.get() == 1
+    assert sample(metrics, "early_pipelining_used_total") == 1
+    assert sample(metrics, "early_pipelining_advertised_total") == 1
 
 
 async def test_no_pipelining_upstream_gets_one_command_at_a_time() -> None:
@@ -142,7 +143,7 @@ async def test_early_input_from_unadvertised_host_refused(action: str, code: int
         assert await c.reply() is None  # closed after the one reply
         await trio.sleep(0.3)
     assert mta.commands == [] and bytes(mta.received) == b""
-    assert metrics.early_refused.labels(action)._value.get() == 1
+    assert sample(metrics, "early_input_refused_total", action=action) == 1
 
 
 async def test_early_input_forwarded_to_judge() -> None:
@@ -170,8 +171,17 @@ async def test_early_input_accepted_without_advertising() -> None:
     assert mta.violations == []
 
 
-@pytest.mark.parametrize("banner", [b"421 4.3.2 busy\r\n", b"554 5.7.1 go away\r\n"])
-async def test_error_banner_relayed_and_session_ends(banner: bytes) -> None:
+@pytest.mark.parametrize(
+    ("banner", "after"),
+    [
+        # a 421 closes the channel (RFC 5321 3.8): relayed, and the session ends with it
+        (b"421 4.3.2 busy\r\n", None),
+        # a 554 greeting leaves the MTA to answer what follows; this one hung up instead, so
+        # the client's EHLO gets the proxy's 421 4.4.2, never a reply the MTA did not send
+        (b"554 5.7.1 go away\r\n", b"421 4.4.2 "),
+    ],
+)
+async def test_error_banner_relayed_and_session_ends(banner: bytes, after: bytes | None) -> None:
     mta = FakeMTA(banner=banner)
     async with running(mta) as (port, _):
         c = await connect(port)
@@ -179,8 +189,11 @@ async def test_error_banner_relayed_and_session_ends(banner: bytes) -> None:
         assert reply is not None and reply.to_bytes() == banner
         await c.stream.send_all(b"EHLO me.test\r\n")
         reply = await c.reply()
-        # the MTA hung up: never a positive reply the MTA did not send
-        assert reply is None or reply.code == 421
+        if after is None:
+            assert reply is None
+        else:
+            assert reply is not None and reply.to_bytes().startswith(after)
+            assert await c.reply() is None
 
 
 async def test_json_log_line(caplog: pytest.LogCaptureFixture) -> None:
@@ -318,16 +331,24 @@ async def test_xclient_refused_gives_client_421() -> None:
 
 
 async def test_upstream_down_gives_421() -> None:
-    mta = FakeMTA()
+    mta = FakeMTA()  # a live MTA, but not the configured one: it must see nothing
     async with trio.open_nursery() as nursery:
+        await nursery.start(mta.serve)
         listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
         dead_port = listener.socket.getsockname()[1]
         await listener.aclose()  # nothing listens there now
-        bound = await nursery.start(serve, make_config(dead_port), Metrics())
+        metrics = Metrics()
+        bound = await nursery.start(serve, make_config(dead_port), metrics)
         c = Client(await trio.open_tcp_stream("127.0.0.1", bound[0][1]))
         async with c.stream:
             reply = await c.reply()
             assert reply is not None and reply.code == 421
+            assert reply.lines[0].startswith(b"4.4.2 Upstream MTA unavailable (connect failed")
+            assert await c.reply() is None
+        down = {"listener": "plain", "outcome": "upstream-down"}
+        with trio.fail_after(5):  # the session is counted once it has closed the client
+            while sample(metrics, "sessions_total", **down) != 1:  # noqa: ASYNC110
+                await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
     assert mta.connections == 0
 
@@ -340,7 +361,7 @@ async def test_connection_limit_per_client() -> None:
         second = await connect(port)
         reply = await second.reply()
         assert reply is not None and reply.code == 421 and b"Too many" in reply.lines[0]
-    assert metrics.sessions.labels("plain", "too-many")._value.get() == 1
+    assert sample(metrics, "sessions_total", listener="plain", outcome="too-many") == 1
 
 
 async def test_forwarded_early_input_in_pieces_reaches_mta_once() -> None:
@@ -372,7 +393,7 @@ async def test_forward_never_passes_proxy_only_commands(line: bytes) -> None:
         assert reply is not None and reply.code == 421
         await trio.sleep(0.4)
     assert bytes(mta.received) == b"" and mta.early_input == []
-    assert metrics.early_refused.labels("defer")._value.get() == 1
+    assert sample(metrics, "early_input_refused_total", action="defer") == 1
 
 
 async def test_proxy_v1_identity() -> None:
@@ -417,19 +438,19 @@ async def test_quit_closes_at_once_without_waiting_for_the_client(
 async def test_a_failing_session_leaves_the_others_be(monkeypatch: pytest.MonkeyPatch) -> None:
     """An unexpected error in one session (a bug) is logged and counted; the listener and
     the next sessions carry on."""
-    from proxy.session import Session
+    from proxy.machine.session import SessionMachine
 
-    real = Session._relay
+    real = SessionMachine._begin_relay
     calls = 0
 
-    async def flaky(self: Session) -> None:
+    def flaky(self: SessionMachine) -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise RuntimeError("injected")
-        await real(self)
+        real(self)
 
-    monkeypatch.setattr(Session, "_relay", flaky)
+    monkeypatch.setattr(SessionMachine, "_begin_relay", flaky)
     mta = FakeMTA()
     async with running(mta) as (port, metrics):
         first = await connect(port)
@@ -439,7 +460,7 @@ async def test_a_failing_session_leaves_the_others_be(monkeypatch: pytest.Monkey
         second = await connect(port)
         await second.stream.send_all(b"EHLO me.test\r\n" + ENVELOPE)
         assert [r.code for r in await second.replies_n(5)] == [220, 250, 250, 250, 354]
-    assert metrics.session_errors._value.get() == 1
+    assert sample(metrics, "session_errors_total") == 1
 
 
 @pytest.mark.parametrize(
@@ -464,7 +485,7 @@ async def test_forward_passes_only_what_the_relay_sends_as_is(early: bytes) -> N
         assert reply is not None and reply.code == 421
         await trio.sleep(0.4)
     assert mta.early_input == []
-    assert metrics.early_refused.labels("defer")._value.get() == 1
+    assert sample(metrics, "early_input_refused_total", action="defer") == 1
 
 
 @pytest.mark.parametrize(("policy", "code"), [("defer", 421), ("reject", 554), ("accept", 250)])
@@ -484,7 +505,7 @@ async def test_unadvertised_group_behind_ehlo_gets_the_early_input_policy(
         assert reply is not None and reply.code == code
         if policy != "accept":
             assert b"synchronization" in reply.lines[0]
-            assert metrics.early_refused.labels(policy)._value.get() == 1
+            assert sample(metrics, "early_input_refused_total", action=policy) == 1
             assert not any(cmd.startswith(b"MAIL") for cmd in mta.commands)
 
 

@@ -22,6 +22,7 @@ from proxy.tls import OpenSSLStream, client_context
 from tests.proxyproc import to_toml
 
 from .fakemta import FakeMTA
+from .samples import sample
 from .test_session import ENVELOPE, MESSAGE, make_config
 
 
@@ -144,9 +145,9 @@ async def test_early_ehlo_starttls_answered_in_one_write(tls_files: dict[str, st
             await c.stream.send_all(MESSAGE + b".\r\nQUIT\r\n")
             assert [r.code for r in await c.replies_n(2)] == [250, 221]
     assert mta.messages == [MESSAGE] and mta.violations == []
-    assert metrics.used._value.get() == 1
+    assert sample(metrics, "early_pipelining_used_total") == 1
     # banner + pre-TLS EHLO reply + post-TLS EHLO reply
-    assert metrics.round_trips_saved._value.get() == 3
+    assert sample(metrics, "round_trips_saved_total") == 3
 
 
 async def test_tls_on_connect_early_pipelining(tls_files: dict[str, str]) -> None:
@@ -182,7 +183,7 @@ async def test_garbage_handshake_does_not_hurt_others(tls_files: dict[str, str])
                 await good.replies_n(1)
                 await good.stream.send_all(b"QUIT\r\n")
                 assert [r.code for r in await good.replies_n(1)] == [221]
-    assert metrics.sessions.labels("tls_on_connect", "tls-failed")._value.get() == 1
+    assert sample(metrics, "sessions_total", listener="tls_on_connect", outcome="tls-failed") == 1
 
 
 async def test_stalled_handshake_times_out(tls_files: dict[str, str]) -> None:
@@ -193,7 +194,7 @@ async def test_stalled_handshake_times_out(tls_files: dict[str, str]) -> None:
             with trio.fail_after(5):
                 assert await stalled.receive_some(4096) == b""  # closed by the proxy
         await trio.sleep(0.1)
-    assert metrics.sessions.labels("tls_on_connect", "tls-timeout")._value.get() == 1
+    assert sample(metrics, "sessions_total", listener="tls_on_connect", outcome="tls-timeout") == 1
 
 
 async def starttls_session(port: int, ca: str, *, verify: bool) -> Conversation:
@@ -279,6 +280,7 @@ async def test_client_vanishing_mid_handshake_is_counted(tls_files: dict[str, st
             assert [r.code for r in await good.replies_n(1)] == [221]
         with trio.fail_after(5):
             # the session ends on its own when it reads the EOF; a counter has no event
-            while metrics.sessions.labels("tls_on_connect", "tls-failed")._value.get() < 1:  # noqa: ASYNC110
+            failed = {"listener": "tls_on_connect", "outcome": "tls-failed"}
+            while sample(metrics, "sessions_total", **failed) < 1:  # noqa: ASYNC110
                 await trio.sleep(0.01)
     assert mta.messages == []

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Container tooling for tests/integration/test_container.py: podman (rootful, runc runtime,
 # chroot isolation for builds) and a local base image made by debootstrap, because no registry
-# image can be pulled here (see ../shared/TEST-ENV.md). Idempotent: quick when all is present;
+# image can be pulled in the test environment. Idempotent: quick when all is present;
 # the base image (~45 s of debootstrap) is built only if `podman image exists` says it is missing.
 set -euo pipefail
 

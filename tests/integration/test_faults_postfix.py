@@ -20,6 +20,7 @@ from proxy.metrics import Metrics
 from proxy.server import serve
 from tests.conftest import PostfixFactory
 from tests.mta import Postfix, _children
+from tests.samples import sample
 from tests.test_faults import ENVELOPE, HEAD, TAIL, FaultClient, Result, session_sockets
 from tests.test_session import make_config
 
@@ -109,7 +110,7 @@ async def test_smtpd_killed(
         port = bound[0][1]
         res = await session(port, postfix, point)
         with trio.fail_after(5):
-            while metrics.active.labels("plain")._value.get():  # noqa: ASYNC110
+            while sample(metrics, "active_sessions", listener="plain"):  # noqa: ASYNC110
                 await trio.sleep(0.02)
         leaked = session_sockets(port, postfix.port)
         nursery.cancel_scope.cancel()
@@ -132,8 +133,8 @@ async def test_smtpd_killed(
         early = sum(len(data) for _, data in ENVELOPE) + len(b"DATA\r\n")
         assert f" E={early} " in line, line  # the held early input is in the log
     assert outcome.group(1) == "upstream-lost", line
-    assert metrics.sessions.labels("plain", "upstream-lost")._value.get() == 1
-    assert metrics.messages._value.get() == 0
+    assert sample(metrics, "sessions_total", listener="plain", outcome="upstream-lost") == 1
+    assert sample(metrics, "relayed_messages_total") == 0
     # Postfix noticed the kill, and delivered nothing (not even later, from its queue).
     await trio.to_thread.run_sync(postfix.wait_log, r"smtpd.* killed by signal 9")
     await trio.sleep(1)

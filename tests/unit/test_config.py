@@ -10,7 +10,10 @@ from typing import Any
 
 import pytest
 
+from proxy import tls as tls_module
 from proxy.config import (
+    MOZILLA_INTERMEDIATE_CIPHERS,
+    TLS_MIN_VERSIONS,
     Address,
     Config,
     ConfigError,
@@ -29,6 +32,7 @@ from proxy.config import (
 )
 from proxy.hosts import HostList
 from proxy.smtp import Reply, ehlo_keywords, rewrite_ehlo
+from proxy.tls import TLS_VERSIONS
 
 MINIMUM = (
     '[listen]\nplain = ["127.0.0.1:2587"]\n[upstream]\naddress = "127.0.0.1:2525"\n'
@@ -157,6 +161,9 @@ early_drain = 0.25
 [tls]
 certificate = "cert.pem"
 key = "key.pem"
+min_version = "TLSv1.3"
+ciphers = "ECDHE+AESGCM:!AES128"
+session_tickets = false
 [metrics]
 listen = "[::]:9100"
 [log]
@@ -199,7 +206,13 @@ def test_every_key(tmp_path: Path) -> None:
     assert all(
         type(getattr(config.timeouts, f.name)) is float for f in dataclasses.fields(TimeoutsConfig)
     )
-    assert config.tls == TLSConfig("cert.pem", "key.pem")
+    assert config.tls == TLSConfig(
+        "cert.pem",
+        "key.pem",
+        min_version="TLSv1.3",
+        ciphers="ECDHE+AESGCM:!AES128",
+        session_tickets=False,
+    )
     assert config.metrics == MetricsConfig(Address("::", 9100))
     assert config.log == LogConfig("json")
     assert config.server == ServerConfig(shutdown_grace=45.0, workers=2)
@@ -244,6 +257,8 @@ def test_defaults() -> None:
         early_drain=2.0,
     )
     assert config.tls == TLSConfig("", "")
+    assert (config.tls.min_version, config.tls.session_tickets) == ("TLSv1.2", True)
+    assert config.tls.ciphers == MOZILLA_INTERMEDIATE_CIPHERS
     assert config.metrics == MetricsConfig(Address("127.0.0.1", 9464))
     assert config.log == LogConfig("text")
 
@@ -490,7 +505,7 @@ def test_unknown_top_level_key_without_suggestion() -> None:
         ("pipe_connect", "keyword", "did you mean 'keywords'?"),
         ("limits", "max_session", "did you mean 'max_sessions'?"),
         ("timeouts", "datablock", "did you mean 'data_block'?"),
-        ("tls", "cert", "known: certificate, key"),
+        ("tls", "cert", "known: certificate, key, min_version, ciphers, session_tickets"),
         ("metrics", "address", "known: listen"),
         ("log", "level", "known: format"),
     ],
@@ -599,6 +614,37 @@ def test_top_level_must_be_a_table() -> None:
         ("timeouts", "early_drain", -0.1, "must be a positive, finite number of seconds, not -0.1"),
         ("tls", "certificate", 1, "must be a string, not integer"),
         ("tls", "key", ["k"], "must be a string, not array"),
+        ("tls", "min_version", "TLSv1.1", "must be one of TLSv1.2, TLSv1.3"),
+        ("tls", "min_version", "tlsv1.3", "must be one of TLSv1.2, TLSv1.3"),
+        ("tls", "min_version", 1.3, "must be one of TLSv1.2, TLSv1.3"),
+        ("tls", "ciphers", ["AES256"], "must be a string, not array"),
+        (
+            "tls",
+            "ciphers",
+            "",
+            "'' is not an OpenSSL cipher string (e.g. 'ECDHE+AESGCM:ECDHE+CHACHA20')",
+        ),
+        (
+            "tls",
+            "ciphers",
+            "AES256;rm",
+            "'AES256;rm' is not an OpenSSL cipher string (e.g. 'ECDHE+AESGCM:ECDHE+CHACHA20')",
+        ),
+        (
+            "tls",
+            "ciphers",
+            "NOPE",
+            "'NOPE': OpenSSL knows no TLS 1.2 cipher by that (see `openssl ciphers`)",
+        ),
+        (
+            "tls",
+            "ciphers",
+            "TLS_AES_128_GCM_SHA256",  # a TLS 1.3 suite: not set by this key
+            "'TLS_AES_128_GCM_SHA256': OpenSSL knows no TLS 1.2 cipher by that"
+            " (see `openssl ciphers`)",
+        ),
+        ("tls", "session_tickets", "no", "must be true or false, not string"),
+        ("tls", "session_tickets", 0, "must be true or false, not integer"),
         ("log", "format", "JSON", "must be one of text, json"),
         ("log", "format", "syslog", "must be one of text, json"),
     ],
@@ -610,6 +656,24 @@ def test_bad_value(section: str, key: str, value: Any, message: str | None) -> N
         assert got == f"{section}.{key}: {message}"
     else:
         assert got.startswith(f"{section}.{key}[")
+
+
+def test_tls_settings_errors_come_together() -> None:
+    data = base(
+        tls={
+            "certificate": "c.pem",
+            "key": "k.pem",
+            "min_version": "SSLv3",
+            "ciphers": "NOPE",
+            "session_tickets": "off",
+        }
+    )
+    assert error_keys(data) == ["tls.min_version", "tls.ciphers", "tls.session_tickets"]
+
+
+def test_tls_min_versions_are_the_ones_tls_knows() -> None:
+    assert set(TLS_MIN_VERSIONS) == set(TLS_VERSIONS)
+    assert tls_module.MOZILLA_INTERMEDIATE_CIPHERS is MOZILLA_INTERMEDIATE_CIPHERS
 
 
 def test_brief_example_message() -> None:

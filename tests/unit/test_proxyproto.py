@@ -182,8 +182,12 @@ def test_xclient() -> None:
     assert xclient_command("192.0.2.1", 56324) == b"XCLIENT ADDR=192.0.2.1 PORT=56324\r\n"
     assert xclient_command("2001:DB8::1", 25) == b"XCLIENT ADDR=IPV6:2001:db8::1 PORT=25\r\n"
     assert xclient_command("::ffff:192.0.2.1", 25) == b"XCLIENT ADDR=192.0.2.1 PORT=25\r\n"
-    assert xclient_command("192.0.2.1", 25, name="mx.example", helo="a b+c=d", proto="ESMTP") == (
-        b"XCLIENT ADDR=192.0.2.1 PORT=25 NAME=mx.example HELO=a+20b+2Bc+3Dd PROTO=ESMTP\r\n"
+    assert xclient_command("fe80::1%eth0", 25) == b"XCLIENT ADDR=IPV6:fe80::1 PORT=25\r\n"
+    assert xclient_command("192.0.2.1", 25, name="mx.example") == (
+        b"XCLIENT ADDR=192.0.2.1 PORT=25 NAME=mx.example\r\n"
+    )
+    assert xclient_command("192.0.2.1", 25, name="a b+c=d") == (
+        b"XCLIENT ADDR=192.0.2.1 PORT=25 NAME=a+20b+2Bc+3Dd\r\n"
     )
     with pytest.raises(ValueError):
         xclient_command("not-an-ip", 25)

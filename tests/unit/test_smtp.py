@@ -416,7 +416,7 @@ def test_proxy_line_later_in_session_also_refused() -> None:
 def test_v2_signature_prefix_then_something_else() -> None:
     # A client's stream that merely starts like the v2 signature is framed normally.
     assert both(b"\r\nNOOP\r\n") == [BAD_SYNTAX, cmd(b"NOOP\r\n")]
-    assert drive([b"\r\n\r\n"], eof=True) == [BAD_SYNTAX, BAD_SYNTAX, Closed(partial=False)]
+    assert drive([b"\r\n\r\n"], eof=True) == [BAD_SYNTAX, BAD_SYNTAX, Closed()]
 
 
 def test_v2_signature_not_at_start_is_just_bad_framing() -> None:
@@ -433,47 +433,47 @@ def test_v2_signature_not_at_start_is_just_bad_framing() -> None:
 
 
 def test_closed_after_eof() -> None:
-    assert drive([], eof=True) == [Closed(partial=False)]
-    assert drive([b"QUIT\r\n"], eof=True) == [cmd(b"QUIT\r\n"), Closed(partial=False)]
-    assert drive([b"QUIT\r\nNO"], eof=True) == [cmd(b"QUIT\r\n"), Closed(partial=True)]
-    assert drive([b"QU"], eof=True) == [Closed(partial=True)]
+    assert drive([], eof=True) == [Closed()]
+    assert drive([b"QUIT\r\n"], eof=True) == [cmd(b"QUIT\r\n"), Closed()]
+    assert drive([b"QUIT\r\nNO"], eof=True) == [cmd(b"QUIT\r\n"), Closed()]
+    assert drive([b"QU"], eof=True) == [Closed()]
 
 
-def test_closed_inside_discarded_over_long_line_is_partial() -> None:
-    # The over-long line was dropped from the buffer, but it was still left unframed.
-    assert drive([b"NOOP\r\n", b"x" * 600], eof=True) == [cmd(b"NOOP\r\n"), Closed(partial=True)]
+def test_closed_inside_discarded_over_long_line() -> None:
+    # The over-long line was being dropped: no error for it, no event but the end.
+    assert drive([b"NOOP\r\n", b"x" * 600], eof=True) == [cmd(b"NOOP\r\n"), Closed()]
     r = CommandReader(max_command_line=10)
-    assert drive([b"x" * 11], eof=True, reader=r) == [Closed(partial=True)]
+    assert drive([b"x" * 11], eof=True, reader=r) == [Closed()]
 
 
-def test_closed_inside_data_or_bdat_is_partial() -> None:
-    assert drive([b"DATA\r\n"], eof=True) == [cmd(b"DATA\r\n"), Closed(partial=True)]
+def test_closed_inside_data_or_bdat() -> None:
+    assert drive([b"DATA\r\n"], eof=True) == [cmd(b"DATA\r\n"), Closed()]
     assert drive([b"DATA\r\nabc\r\n"], eof=True) == [
         cmd(b"DATA\r\n"),
         DataChunk(b"abc\r\n"),
-        Closed(partial=True),
+        Closed(),
     ]
     assert drive([b"BDAT 4\r\nab"], eof=True) == [
         cmd(b"BDAT 4\r\n"),
         BdatChunk(b"ab"),
-        Closed(partial=True),
+        Closed(),
     ]
 
 
-def test_closed_in_auth_line_mode_is_partial() -> None:
-    assert drive([b"AUTH LOGIN\r\n"], eof=True) == [cmd(b"AUTH LOGIN\r\n"), Closed(partial=True)]
+def test_closed_in_auth_line_mode() -> None:
+    assert drive([b"AUTH LOGIN\r\n"], eof=True) == [cmd(b"AUTH LOGIN\r\n"), Closed()]
 
 
 def test_closed_after_complete_data_and_bdat() -> None:
-    assert drive([b"DATA\r\nx\r\n.\r\n"], eof=True)[-1] == Closed(partial=False)
-    assert drive([b"BDAT 1 LAST\r\nx"], eof=True)[-1] == Closed(partial=False)
+    assert drive([b"DATA\r\nx\r\n.\r\n"], eof=True)[-1] == Closed()
+    assert drive([b"BDAT 1 LAST\r\nx"], eof=True)[-1] == Closed()
 
 
 def test_closed_repeats_and_feed_after_eof_refused() -> None:
     r = CommandReader()
     r.feed_eof()
-    assert r.next_event() == Closed(partial=False)
-    assert r.next_event() == Closed(partial=False)
+    assert r.next_event() == Closed()
+    assert r.next_event() == Closed()
     with pytest.raises(RuntimeError):
         r.feed(b"x")
 
@@ -1234,12 +1234,6 @@ def test_ehlo_chunking() -> None:
         b"CHUNKING",
         b"BINARYMIME",
     )
-    assert rewrite_ehlo(r, keywords=KW, chunking=False).lines == (
-        b"mx",
-        b"PIPELINING",
-        b"PIPECONNECT",
-        b"BINARYMIME",
-    )
 
 
 def test_ehlo_starttls_appended() -> None:
@@ -1292,7 +1286,7 @@ def test_ehlo_greeting_never_treated_as_keyword() -> None:
 @pytest.mark.parametrize("code", [421, 450, 500, 501, 502, 550, 554])
 def test_ehlo_non_250_unchanged(code: int) -> None:
     r = ehlo(b"not now", b"STARTTLS", code=code)
-    assert rewrite_ehlo(r, keywords=KW, starttls=True, chunking=False) is r
+    assert rewrite_ehlo(r, keywords=KW, starttls=True) is r
 
 
 def test_ehlo_keywords_parsing() -> None:
@@ -1336,18 +1330,17 @@ ehlo_line = st.one_of(
         st.sampled_from(["PIPECONNECT", "X_PIPE_CONNECT", "XPC"]) | keyword, max_size=3, unique=True
     ),
     starttls=st.booleans(),
-    chunking=st.booleans(),
 )
 def test_ehlo_rewrite_properties(
-    greeting: bytes, lines: list[bytes], keywords: list[str], starttls: bool, chunking: bool
+    greeting: bytes, lines: list[bytes], keywords: list[str], starttls: bool
 ) -> None:
     reserved = {"PIPELINING", "STARTTLS", "CHUNKING", "XCLIENT", "XFORWARD"}
     kws = tuple(k for k in keywords if k.upper() not in reserved)
     r = ehlo(greeting, *lines)
-    once = rewrite_ehlo(r, keywords=kws, starttls=starttls, chunking=chunking)
-    twice = rewrite_ehlo(once, keywords=kws, starttls=starttls, chunking=chunking)
+    once = rewrite_ehlo(r, keywords=kws, starttls=starttls)
+    twice = rewrite_ehlo(once, keywords=kws, starttls=starttls)
     assert twice == once  # idempotent
-    assert rewrite_ehlo(r, keywords=kws, starttls=starttls, chunking=chunking) == once  # stable
+    assert rewrite_ehlo(r, keywords=kws, starttls=starttls) == once  # stable
     assert once.code == 250
     assert once.lines[0] == greeting
     body = list(once.lines[1:])
@@ -1363,13 +1356,9 @@ def test_ehlo_rewrite_properties(
     for gone in (b"XCLIENT", b"XFORWARD", b"PIPECONNECT", b"PIPE_CONNECT", b"X_PIPE_CONNECT"):
         if gone.decode() not in kws:
             assert gone not in kw_upper
-    if not chunking:
-        assert b"CHUNKING" not in kw_upper
     # everything else: the MTA's lines, verbatim, in order
     dropped = {b"XCLIENT", b"XFORWARD", b"PIPELINING", b"STARTTLS"}
     dropped |= {k.encode() for k in EARLY_PIPELINING_KEYWORDS} | {k.encode() for k in kws}
-    if not chunking:
-        dropped.add(b"CHUNKING")
     kept = [ln for ln in lines if ln.split(b" ", 1)[0].upper() not in dropped]
     rest = body[:p] + body[p + 1 + len(kws) :]
     if starttls:
@@ -1458,7 +1447,7 @@ def test_any_split_gives_same_events(
 ) -> None:
     stream, _, too_long, kept = session
     whole = merged(drive([stream], eof=True))
-    assert whole[-1] == Closed(partial=False)
+    assert whole[-1] == Closed()
     assert whole.count(Err(500, False)) == too_long
     assert not any(isinstance(e, Err) and e.fatal for e in whole)
     chunks = data.draw(splits(stream))

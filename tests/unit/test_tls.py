@@ -16,6 +16,8 @@ import trio.testing
 import trustme
 from OpenSSL import SSL
 
+from proxy.config import parse_config
+from proxy.server import Snapshot
 from proxy.tls import (
     MOZILLA_INTERMEDIATE_CIPHERS,
     OpenSSLStream,
@@ -548,6 +550,84 @@ async def test_min_version_is_enforced(certs: Certs) -> None:
             nursery.start_soon(server_fails)
             with pytest.raises(trio.BrokenResourceError):
                 await client.do_handshake()
+
+
+# ---- the [tls] section reaches the context that serves clients -------------------------------
+
+
+def configured_context(certs: Certs, **tls: object) -> SSL.Context:
+    """The server context a session gets (``Snapshot``) from a file with ``[tls]`` ``tls``."""
+    config = parse_config(
+        {
+            "listen": {"plain": ["127.0.0.1:0"]},
+            "upstream": {"address": "127.0.0.1:2525"},
+            "tls": {"certificate": certs.cert, "key": certs.key, **tls},
+        }
+    )
+    ctx = Snapshot(config).tls_context
+    assert ctx is not None
+    return ctx
+
+
+async def handshake(
+    ctx: SSL.Context, certs: Certs, version: str, client_ctx: SSL.Context | None = None
+) -> tuple[str | None, str | None] | None:
+    """(version, cipher) the server negotiated with a client capped at ``version``; None if
+    the handshake failed on both ends."""
+    client, server = wrap_pair(
+        ctx, certs.cafile, trio.testing.memory_stream_pair(), version=version, client_ctx=client_ctx
+    )
+    failed: list[str] = []
+
+    async def shake(side: str, stream: OpenSSLStream) -> None:
+        try:
+            await stream.do_handshake()
+        except trio.BrokenResourceError:
+            failed.append(side)
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(shake, "server", server)
+            nursery.start_soon(shake, "client", client)
+    if failed:
+        assert sorted(failed) == ["client", "server"], failed
+        return None
+    return server.negotiated_version, server.cipher
+
+
+async def test_tls_section_defaults(certs: Certs) -> None:
+    """TLS 1.2 and 1.3, the Mozilla intermediate ciphers, tickets on."""
+    ctx = configured_context(certs)
+    assert not ctx.set_options(0) & SSL.OP_NO_TICKET  # set_options(0) only reads them
+    assert await handshake(ctx, certs, "TLSv1.3") is not None
+    negotiated = await handshake(ctx, certs, "TLSv1.2")
+    assert negotiated is not None
+    version, cipher = negotiated
+    assert version == "TLSv1.2" and cipher in MOZILLA_INTERMEDIATE_CIPHERS.split(":")
+
+
+async def test_tls_min_version_refuses_an_older_client(certs: Certs) -> None:
+    ctx = configured_context(certs, min_version="TLSv1.3")
+    assert await handshake(ctx, certs, "TLSv1.2") is None
+    negotiated = await handshake(ctx, certs, "TLSv1.3")
+    assert negotiated is not None and negotiated[0] == "TLSv1.3"
+
+
+async def test_tls_ciphers_are_the_only_ones_offered(certs: Certs) -> None:
+    ctx = configured_context(certs, ciphers="AES256")
+    negotiated = await handshake(ctx, certs, "TLSv1.2")
+    assert negotiated is not None
+    version, cipher = negotiated
+    assert version == "TLSv1.2" and cipher is not None and "AES256" in cipher
+    aes128_only = client_context(certs.cafile, max_version="TLSv1.2")
+    aes128_only.set_cipher_list(b"AES128")
+    assert await handshake(ctx, certs, "TLSv1.2", aes128_only) is None
+    # the defaults take that client
+    assert await handshake(configured_context(certs), certs, "TLSv1.2", aes128_only) is not None
+
+
+def test_tls_session_tickets_off(certs: Certs) -> None:
+    assert configured_context(certs, session_tickets=False).set_options(0) & SSL.OP_NO_TICKET
 
 
 def raises_config(*parts: str) -> AbstractContextManager[pytest.ExceptionInfo[TLSConfigError]]:
