@@ -149,7 +149,8 @@ async def _run_handler(handler: Handler, stream: trio.SocketStream) -> None:
     try:
         await handler(stream)
     finally:
-        await trio.aclose_forcefully(stream)
+        if stream.socket.fileno() >= 0:  # the handler usually closed it itself
+            await trio.aclose_forcefully(stream)
 
 
 async def _accept_loop(

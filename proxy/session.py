@@ -102,6 +102,18 @@ class _LiveCounters:
         self._m.message_bytes.inc(n)
 
 
+async def _close(stream: trio.abc.Stream, timeout: float) -> None:
+    """Close ``stream``. A plain socket closes at once (no checkpoint, no scope: there is
+    nothing to wait for); TLS sends close_notify, shielded (this also runs while being
+    cancelled) but bounded: a peer that reads nothing must not hold it (cancelled, the
+    close is forceful)."""
+    if type(stream) is trio.SocketStream:
+        stream.socket.close()
+        return
+    with trio.CancelScope(shield=True, deadline=trio.current_time() + timeout):
+        await stream.aclose()
+
+
 def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The one real error out of a nursery (the other task was merely cancelled)."""
     errors = group.exceptions
@@ -196,20 +208,20 @@ class Session:
                     return
                 event = self._interruption()
                 self._scope = trio.CancelScope()
+                if event is None:
+                    actions = []  # back to the wait, with the machine's deadline
+                    continue
                 actions = self._feed(event)
                 if self.machine.done and not actions:
                     return
         finally:
             self.log.client_rtt = tcp_rtt(self.socket)
-            # Shielded from the drain, but bounded: a TLS close_notify to a client that
-            # reads nothing must not wait for ever (a cancelled close is forceful).
-            with trio.CancelScope(shield=True) as closing:
-                closing.deadline = trio.current_time() + self.cfg.timeouts.early_drain
-                await self._close_upstream()
-                await self.client_stream.aclose()
+            await self._close_upstream()
+            await _close(self.client_stream, self.cfg.timeouts.early_drain)
 
-    def _interruption(self) -> Event:
-        """Why the session's scope fired."""
+    def _interruption(self) -> Event | None:
+        """Why the session's scope fired (None: early, for a read the machine still lets
+        run; see _arm)."""
         doing, self._doing = self._doing, _Doing.WAIT
         if self._stop_cancelled:
             self._stop_cancelled = False
@@ -218,6 +230,11 @@ class Session:
             return SendTimedOut(Side.CLIENT)
         if doing is _Doing.UPSTREAM_SEND:
             return SendTimedOut(Side.UPSTREAM)
+        deadline = self.machine.deadline
+        if doing is _Doing.WAIT and (
+            deadline is None or trio.current_time() < deadline
+        ):
+            return None
         return DeadlinePassed()
 
     def _feed(self, event: Event) -> list[Action]:
@@ -274,8 +291,7 @@ class Session:
             else:
                 data = fastio.try_receive(stream, machine.read_size)
             if data is None:
-                self._scope.deadline = math.inf if deadline is None else deadline
-                self._doing = _Doing.WAIT
+                self._arm(deadline)
                 try:
                     data = await fastio.receive_some(stream, machine.read_size)
                 except _BROKEN:
@@ -295,8 +311,7 @@ class Session:
         data = fastio.try_receive(stream, 65536)
         if data is None:
             if not self._early:
-                self._scope.deadline = math.inf if deadline is None else deadline
-                self._doing = _Doing.WAIT
+                self._arm(deadline)
             try:
                 data = await fastio.receive_some(stream, 65536)
             except _BROKEN:
@@ -405,6 +420,15 @@ class Session:
                 await self._perform(self._feed(follow))
                 return
 
+    def _arm(self, deadline: float | None) -> None:
+        """Before a wait that may be cut and started again (a read): make the scope fire
+        no later than ``deadline``. Moving a deadline costs (trio re-registers it), and the
+        machine's deadlines mostly move later, so an earlier one is left in place: if it
+        fires before the machine's is due, the wait simply starts again (_interruption)."""
+        self._doing = _Doing.WAIT
+        if deadline is not None and deadline < self._scope.deadline:
+            self._scope.deadline = deadline
+
     def _bound(self, timeout: float, doing: _Doing) -> None:
         if not self._early:  # in the early phase the machine's deadline bounds everything
             self._scope.deadline = trio.current_time() + timeout
@@ -496,10 +520,7 @@ class Session:
     async def _close_upstream(self) -> None:
         stream, self.up_stream = self.up_stream, None
         if stream is not None:
-            # Shielded (it also runs while being cancelled) but bounded: a TLS close_notify
-            # to an MTA that reads nothing must not hang; cancelled, the close is forceful.
-            with trio.CancelScope(shield=True, deadline=trio.current_time() + CLOSE_TIMEOUT):
-                await stream.aclose()
+            await _close(stream, CLOSE_TIMEOUT)
 
     async def _close_client(self, linger: bool) -> None:
         """Shut down our side and drain briefly: closing a socket with unread input sends

@@ -66,7 +66,7 @@ class MtaConversation(Generic[T]):
         """The next complete reply and the tag it answers, or None (feed more). Raises
         ``ProtocolError`` for bytes that are no SMTP reply. Bytes nobody waits for stay
         buffered (``buffered`` tells): a reply to nothing is the caller's to judge."""
-        if not self._pending:
+        if not self._pending or not self._replies.buffered:
             return None
         reply = self._replies.next_reply()
         if reply is None:

@@ -779,6 +779,10 @@ class SessionMachine:
             self._send(cmd, cmd.raw)
             if cmd.verb == "BDAT":
                 self._chunk_done = False
+                return True
+            if not mta.buffered:  # the usual case: its reply cannot be here yet
+                self._wait_reply()
+                return False
             return True
         if self._held is not None:
             held, self._held = self._held, None
