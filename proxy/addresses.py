@@ -9,6 +9,7 @@ one place that does both.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 __all__ = ["Endpoint", "IPAddress", "unmap"]
@@ -23,7 +24,19 @@ def unmap(host: str | IPAddress) -> IPAddress:
     """``host`` as an address: IPv4-mapped IPv6 as the IPv4 address it carries, without a
     ``%zone`` suffix. A string that is not an IP address (a name, an IPv4 address with a
     zone): ``ValueError`` naming it (ipaddress's own: ``'x' does not appear to be ...``)."""
-    addr = ipaddress.ip_address(host) if isinstance(host, str) else host
+    if isinstance(host, str):
+        return _unmap_text(host)
+    return _unmap(host)
+
+
+@functools.lru_cache(maxsize=4096)
+def _unmap_text(host: str) -> IPAddress:
+    # Each session asks several times about the same few addresses (its client, the
+    # listener, the MTA); parsing one costs more than a cache lookup. Errors are not cached.
+    return _unmap(ipaddress.ip_address(host))
+
+
+def _unmap(addr: IPAddress) -> IPAddress:
     if isinstance(addr, ipaddress.IPv6Address):
         if addr.ipv4_mapped is not None:
             return addr.ipv4_mapped

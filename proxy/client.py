@@ -3,7 +3,8 @@
 It caches each server's EHLO keywords; when the cache shows PIPELINING and an
 early-pipelining keyword it sends EHLO, MAIL, RCPT and DATA right after the connect.
 Used by ``demo``, the benchmarks and tests. It counts *turns*: how often it had to
-stop and wait for the server.
+stop and wait for the server. What was sent and which reply answers it are the sans-I/O
+MTA conversation's (``MtaConversation``); this module only writes and reads the socket.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .smtp import EARLY_PIPELINING_KEYWORDS, Reply, ReplyReader, ehlo_keywords
+from .machine.mta import MtaConversation
+from .replies import receive_reply
+from .smtp import EARLY_PIPELINING_KEYWORDS, Reply
 
 
 class ClientError(Exception):
@@ -57,24 +60,24 @@ class EarlyPipeliningClient:
         stream = await trio.open_tcp_stream(*server)
         async with stream:
             conv = _Conversation(stream)
-            ehlo = f"EHLO {self.helo}\r\n".encode()
-            envelope = [f"MAIL FROM:<{sender}>\r\n".encode()]
-            envelope += [f"RCPT TO:<{r}>\r\n".encode() for r in rcpts]
-            envelope.append(b"DATA\r\n")
+            ehlo = ("EHLO", f"EHLO {self.helo}\r\n".encode())
+            envelope = [("MAIL", f"MAIL FROM:<{sender}>\r\n".encode())]
+            envelope += [("RCPT", f"RCPT TO:<{r}>\r\n".encode()) for r in rcpts]
+            envelope.append(("DATA", b"DATA\r\n"))
             if early:
-                await conv.send(ehlo + b"".join(envelope))
+                await conv.send(ehlo, *envelope)
                 conv.expect(await conv.reply(), 220, "banner")
-                ehlo_reply = conv.expect(await conv.reply(), 250, "EHLO")
+                conv.expect(await conv.reply(), 250, "EHLO")
             else:
                 conv.expect(await conv.reply(), 220, "banner")
                 await conv.send(ehlo)
-                ehlo_reply = conv.expect(await conv.reply(), 250, "EHLO")
-            keywords = ehlo_keywords(ehlo_reply)
+                conv.expect(await conv.reply(), 250, "EHLO")
+            keywords = conv.mta.capabilities  # from the 250 to EHLO
             self.cache[server] = keywords
             replies: list[Reply | None] = []
-            if early or "PIPELINING" in keywords:
+            if early or conv.mta.pipelining:
                 if not early:
-                    await conv.send(b"".join(envelope))
+                    await conv.send(*envelope)
                 replies = [await conv.reply() for _ in envelope]
             else:
                 for line in envelope:
@@ -84,33 +87,39 @@ class EarlyPipeliningClient:
             for reply in replies[1:-1]:
                 conv.expect(reply, 250, "RCPT")
             conv.expect(replies[-1], 354, "DATA")
-            await conv.send(dot_stuff(body))
+            await conv.send_data(dot_stuff(body))
             final = conv.expect(await conv.reply(), 250, "end of data")
-            await conv.send(b"QUIT\r\n")
+            await conv.send(("QUIT", b"QUIT\r\n"))
             await conv.reply()
         return Delivery(early, conv.turns, time.monotonic() - t0, keywords, final)
 
 
 class _Conversation:
+    """The socket side of an ``MtaConversation``: it writes what the conversation records,
+    reads until it has the next reply, and counts the turns."""
+
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
-        self.replies = ReplyReader()
+        self.mta: MtaConversation[str] = MtaConversation()
+        self.mta.expect("banner", banner=True)
         self.turns = 0
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, *commands: tuple[str, bytes]) -> None:
+        """Command lines, each under its stage's name, in one write."""
+        await self.stream.send_all(b"".join(self.mta.send(tag, line) for tag, line in commands))
+
+    async def send_data(self, data: bytes) -> None:
+        """Message data up to and including the end-of-data line; its verdict comes next."""
+        self.mta.expect("end of data")
         await self.stream.send_all(data)
 
     async def reply(self) -> Reply | None:
-        reply = self.replies.next_reply()
-        if reply is None:
+        """The next reply (None: the server closed the connection)."""
+        got = self.mta.next_reply()
+        if got is None:
             self.turns += 1  # nothing buffered: we wait for the server
-        while reply is None:
-            data = await self.stream.receive_some(65536)
-            if not data:
-                return None
-            self.replies.feed(data)
-            reply = self.replies.next_reply()
-        return reply
+            got = await receive_reply(self.stream, self.mta)
+        return None if got is None else got[1]
 
     @staticmethod
     def expect(reply: Reply | None, code: int, stage: str) -> Reply:

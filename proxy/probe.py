@@ -6,7 +6,8 @@ sends EHLO, reads the reply and QUITs. From the EHLO reply it tells whether a cl
 early pipelining next time (an early-pipelining keyword *and* PIPELINING, as Exim requires) and
 how many round trips and milliseconds that saves on this path.
 
-Framing is the sans-I/O core's (``ReplyReader``, ``ehlo_keywords``); this module adds only the
+Framing, reply matching and the EHLO keywords are the sans-I/O MTA conversation's
+(``MtaConversation``, read through ``replies.receive_reply``); this module adds only the
 socket and the arithmetic.
 """
 
@@ -26,7 +27,9 @@ import trio
 
 from .config import Address, parse_address
 from .errors import ConfigError
-from .smtp import EARLY_PIPELINING_KEYWORDS, ProtocolError, Reply, ReplyReader, ehlo_keywords
+from .machine.mta import MtaConversation
+from .replies import receive_reply
+from .smtp import EARLY_PIPELINING_KEYWORDS, ProtocolError, Reply
 from .tcpinfo import tcp_rtt
 
 DEFAULT_PORT = 25
@@ -159,25 +162,16 @@ def _ms(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f} ms"
 
 
-class _Replies:
-    """Replies from a stream through the sans-I/O ReplyReader."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.reader = ReplyReader()
-
-    async def next(self, what: str) -> Reply:
-        while True:
-            try:
-                reply = self.reader.next_reply()
-            except ProtocolError as exc:
-                raise ProbeError(f"{what}: not an SMTP reply ({exc.reply.text})") from None
-            if reply is not None:
-                return reply
-            data = await self.stream.receive_some(65536)
-            if not data:
-                raise ProbeError(f"{what}: the server closed the connection")
-            self.reader.feed(data)
+async def _reply(stream: trio.SocketStream, conversation: MtaConversation[str]) -> Reply:
+    """The next reply; its tag names the step for the operator. Raises ProbeError."""
+    what = conversation.next_tag
+    try:
+        got = await receive_reply(stream, conversation)
+    except ProtocolError as exc:
+        raise ProbeError(f"{what}: not an SMTP reply ({exc.reply.text})") from None
+    if got is None:
+        raise ProbeError(f"{what}: the server closed the connection")
+    return got[1]
 
 
 def _lines(reply: Reply) -> list[str]:
@@ -195,32 +189,34 @@ async def probe(target: Address, *, ehlo_name: str, timeout: float) -> ProbeResu
         async with stream:
             peer = stream.socket.getpeername()
             result.peer = str(Address(peer[0], peer[1]))
-            replies = _Replies(stream)
+            conversation: MtaConversation[str] = MtaConversation()
+            conversation.expect("banner", banner=True)
             step = "banner"
             with trio.fail_after(timeout):
-                banner = await replies.next("banner")  # the whole reply, 220- teasers too
+                banner = await _reply(stream, conversation)  # the whole reply, 220- teasers too
             result.banner_ms = (time.perf_counter() - t1) * 1000
             result.banner_code, result.banner = banner.code, _lines(banner)
             if banner.code != 220:
                 raise ProbeError(f"the server refuses sessions: {banner.code} {banner.text}")
-            if replies.reader.buffered:
+            if conversation.buffered:
                 raise ProbeError("the server sent more than its banner before EHLO")
             step = "EHLO"
             with trio.fail_after(timeout):
-                turnaround = await _exchange(stream, f"EHLO {ehlo_name}\r\n".encode())
-                ehlo = await replies.next("EHLO")
+                line = conversation.send("EHLO", f"EHLO {ehlo_name}\r\n".encode())
+                turnaround = await _exchange(stream, line)
+                ehlo = await _reply(stream, conversation)
                 samples = [turnaround()]
             result.ehlo_code, result.ehlo = ehlo.code, _lines(ehlo)
             if ehlo.code != 250:
                 raise ProbeError(f"EHLO refused: {ehlo.code} {ehlo.text}")
-            result.keywords = ehlo_keywords(ehlo)
+            result.keywords = conversation.capabilities  # the keywords of this 250
             result.tcp_rtt_ms = _scale(tcp_rtt(stream.socket))
             step = "QUIT"
             # The probe is done: a QUIT unanswered or cut short only costs its RTT sample.
             lost = (ProbeError, OSError, trio.BrokenResourceError)
             with trio.move_on_after(timeout), contextlib.suppress(*lost):
-                turnaround = await _exchange(stream, b"QUIT\r\n")
-                await replies.next("QUIT")
+                turnaround = await _exchange(stream, conversation.send("QUIT", b"QUIT\r\n"))
+                await _reply(stream, conversation)
                 samples.append(turnaround())
             result.smtp_rtt_ms = min(samples) * 1000
     except trio.TooSlowError:

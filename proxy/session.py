@@ -231,9 +231,7 @@ class Session:
         if doing is _Doing.UPSTREAM_SEND:
             return SendTimedOut(Side.UPSTREAM)
         deadline = self.machine.deadline
-        if doing is _Doing.WAIT and (
-            deadline is None or trio.current_time() < deadline
-        ):
+        if doing is _Doing.WAIT and (deadline is None or trio.current_time() < deadline):
             return None
         return DeadlinePassed()
 

@@ -101,6 +101,8 @@ class Reply:
         return cls(code, tuple(line.encode() for line in lines) or (b"",))
 
     def to_bytes(self) -> bytes:
+        if len(self.lines) == 1:  # most replies
+            return b"%03d %s\r\n" % (self.code, self.lines[0])
         code = b"%03d" % self.code
         out = [code + b"-" + text + CRLF for text in self.lines[:-1]]
         out.append(code + b" " + self.lines[-1] + CRLF)

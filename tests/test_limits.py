@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import pytest
 import trio
 
-from proxy.smtp import ReplyReader
+from proxy.machine.mta import MtaConversation
 
 from .fakemta import STALL, FakeMTA
 from .samples import sample
@@ -170,7 +170,7 @@ async def test_pre_banner_flood_gets_backpressure_and_others_are_unaffected(
 async def test_reply_size_from_the_mta(ehlo: bytes, limits: dict[str, int], ok: bool) -> None:
     mta = FakeMTA(script={"EHLO": ehlo})
     async with running(mta, limits=limits) as (port, _), client(port) as c:
-        c.replies = ReplyReader(max_line=65536)  # the test client takes anything
+        c.conversation = MtaConversation(max_reply_line=65536)  # the test client takes anything
         await c.stream.send_all(b"EHLO me.test\r\nNOOP\r\n")
         codes = await until_closed(c) if not ok else [r.code for r in await c.replies_n(3)]
         if ok:
@@ -317,7 +317,7 @@ async def test_slowloris_does_not_stop_good_sessions() -> None:
             with contextlib.suppress(trio.BrokenResourceError):
                 for i in range(len(line)):
                     await c.stream.send_all(line[i : i + 1])
-                    if c.replies.next_reply() is not None or await _closed(c):
+                    if c.next_reply() is not None or await _closed(c):
                         break
                     await trio.sleep(0.4)
             with trio.move_on_after(5), contextlib.suppress(trio.BrokenResourceError):
@@ -343,7 +343,7 @@ async def _closed(c: Client) -> bool:
     with trio.move_on_after(0.01):
         data = await c.stream.receive_some(65536)
         c.reads.append(data)
-        c.replies.feed(data)
+        c.conversation.feed(data)
         return not data
     return False
 

@@ -199,6 +199,35 @@ async def test_refusing_banner_is_an_error() -> None:
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize(
+    ("greeting", "on_ehlo", "error"),
+    [
+        (b"", False, r"^banner: the server closed the connection$"),
+        (b"hello\r\n", False, r"^banner: not an SMTP reply \(.*malformed reply line\)$"),
+        (b"220 hi\r\n250 early\r\n", False, r"^the server sent more than its banner before EHLO$"),
+        (b"220 hi\r\n", True, r"^EHLO: the server closed the connection$"),
+    ],
+    ids=["closed-before-banner", "not-smtp", "more-than-banner", "closed-on-ehlo"],
+)
+async def test_broken_server_is_an_error(greeting: bytes, on_ehlo: bool, error: str) -> None:
+    """Each way a server can fail the probe names the step it failed at."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+
+    async def handler(stream: trio.SocketStream) -> None:
+        async with stream:
+            if greeting:
+                await stream.send_all(greeting)  # one write: the banner and what follows
+            if on_ehlo:
+                await stream.receive_some(4096)  # the EHLO, then hang up
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, handler, listeners)
+        with pytest.raises(ProbeError, match=error):
+            await probe(Address("127.0.0.1", port), ehlo_name="p.test", timeout=5)
+        nursery.cancel_scope.cancel()
+
+
 # ---------------------------------------------------------------- RTT through a delay relay
 
 

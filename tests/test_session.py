@@ -13,9 +13,11 @@ import trio
 import trio.testing
 
 from proxy.config import parse_config
+from proxy.machine.mta import MtaConversation
 from proxy.metrics import Metrics
+from proxy.replies import receive_reply
 from proxy.server import serve
-from proxy.smtp import Reply, ReplyReader
+from proxy.smtp import Reply
 
 from .fakemta import CLOSE, STALL, FakeMTA
 from .samples import sample
@@ -51,20 +53,18 @@ async def running(mta: FakeMTA, **sections: dict[str, Any]) -> AsyncIterator[tup
 
 
 class Client:
+    """A raw client of the proxy: tests write with ``stream.send_all``, each ``reply()``
+    expects one reply, framed by the MTA-side conversation; ``reads`` holds every chunk."""
+
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
-        self.replies = ReplyReader()
+        self.conversation: MtaConversation[None] = MtaConversation()
         self.reads: list[bytes] = []
 
     async def reply(self, timeout: float = 5) -> Reply | None:
         with trio.fail_after(timeout):
-            while (r := self.replies.next_reply()) is None:
-                data = await self.stream.receive_some(65536)
-                if not data:
-                    return None
-                self.reads.append(data)
-                self.replies.feed(data)
-            return r
+            got = await receive_reply(self.stream, self._expecting(), on_data=self.reads.append)
+            return None if got is None else got[1]
 
     async def replies_n(self, n: int) -> list[Reply]:
         out = []
@@ -73,6 +73,16 @@ class Client:
             assert r is not None, f"connection closed after {out}"
             out.append(r)
         return out
+
+    def _expecting(self) -> MtaConversation[None]:
+        if not self.conversation.pending:  # (one left by a reply that never came stands)
+            self.conversation.expect(None)
+        return self.conversation
+
+    def next_reply(self) -> Reply | None:
+        """A reply already read (for tests that read the stream themselves)."""
+        got = self._expecting().next_reply()
+        return None if got is None else got[1]
 
 
 _clients: list[Client] = []

@@ -303,6 +303,8 @@ class SessionMachine:
         self._verdict_queued = False
         self._stop_after_verdict = False
         self._banner = Reply.make(0)
+        t = config.timeouts
+        self._reply_timeouts = {"MAIL": t.mail, "RCPT": t.rcpt, "DATA": t.data_init}
         self._auth_error: ProtocolError | None = None  # the client's bad AUTH line
         self._discard_reply: Reply | None = None  # for a BDAT chunk refused locally
 
@@ -416,8 +418,7 @@ class SessionMachine:
         self._waiting = Waiting.REPLY
 
     def _timeout(self, cmd: Command) -> float:
-        t = self.cfg.timeouts
-        return {"MAIL": t.mail, "RCPT": t.rcpt, "DATA": t.data_init}.get(cmd.verb, t.reply)
+        return self._reply_timeouts.get(cmd.verb, self.cfg.timeouts.reply)
 
     def _what(self) -> str:
         """The reply awaited, as the log names it."""
