@@ -165,6 +165,7 @@ class Session:
         self._up_lock = trio.Lock()
         self._stopping = False
         self._stop_cancelled = False  # shutdown() cancelled the scope
+        self._stop_after_send = False  # shutdown() came during a verdict's write
         self._verdict_send = False  # a write carrying a message's verdict is under way
         self._client_eof = False
         self._connected_at: float | None = None
@@ -191,8 +192,11 @@ class Session:
         """End the session with a 421 (the proxy is stopping and the grace is over): now,
         or right after relaying the verdict on a message the MTA already has in full."""
         self._stopping = True
-        if self.machine.defer_shutdown() or self._verdict_send:
-            return  # the machine (or _send_client) ends the session after the verdict
+        if self.machine.defer_shutdown():
+            return  # the machine ends the session right after the verdict
+        if self._verdict_send:
+            self._stop_after_send = True  # _send_client: once the verdict is out
+            return
         self._stop_cancelled = True
         self._scope.cancel()
 
@@ -289,7 +293,7 @@ class Session:
             else:
                 data = fastio.try_receive(stream, machine.read_size)
             if data is None:
-                self._arm(deadline)
+                self._arm(deadline, exact=stream is not self.raw_stream)
                 try:
                     data = await fastio.receive_some(stream, machine.read_size)
                 except _BROKEN:
@@ -309,7 +313,7 @@ class Session:
         data = fastio.try_receive(stream, 65536)
         if data is None:
             if not self._early:
-                self._arm(deadline)
+                self._arm(deadline, exact=type(stream) is not trio.SocketStream)
             try:
                 data = await fastio.receive_some(stream, 65536)
             except _BROKEN:
@@ -409,6 +413,8 @@ class Session:
                 follow = await self._start_tls(action)
             elif kind is ResolveClientName:
                 assert isinstance(action, ResolveClientName)
+                if not self._early:  # the lookup bounds itself; no earlier deadline cuts it
+                    self._scope.deadline = math.inf
                 follow = ClientNameResolved(await client_name(action.address))
             else:  # pragma: no cover
                 raise TypeError(f"not an action: {action!r}")
@@ -418,13 +424,16 @@ class Session:
                 await self._perform(self._feed(follow))
                 return
 
-    def _arm(self, deadline: float | None) -> None:
-        """Before a wait that may be cut and started again (a read): make the scope fire
-        no later than ``deadline``. Moving a deadline costs (trio re-registers it), and the
-        machine's deadlines mostly move later, so an earlier one is left in place: if it
-        fires before the machine's is due, the wait simply starts again (_interruption)."""
+    def _arm(self, deadline: float | None, *, exact: bool) -> None:
+        """Before a read: make the scope fire no later than ``deadline``. Moving a deadline
+        costs (trio re-registers it), and the machine's deadlines mostly move later, so an
+        earlier one is left in place: if it fires before the machine's is due, the read
+        simply starts again (_interruption) -- on a plain socket, where a cut read loses
+        nothing. A TLS read may have to write (a cut write breaks the stream): ``exact``."""
         self._doing = _Doing.WAIT
-        if deadline is not None and deadline < self._scope.deadline:
+        if exact:
+            self._scope.deadline = math.inf if deadline is None else deadline
+        elif deadline is not None and deadline < self._scope.deadline:
             self._scope.deadline = deadline
 
     def _bound(self, timeout: float, doing: _Doing) -> None:
@@ -445,7 +454,8 @@ class Session:
             finally:
                 self._verdict_send = False
             self._doing = _Doing.WAIT
-        if action.verdict and self._stopping:
+        if self._stop_after_send:
+            self._stop_after_send = False
             return Shutdown()  # deferred by shutdown() until this write was done
         return None
 

@@ -544,3 +544,27 @@ def test_log_line_escapes_what_a_peer_chose() -> None:
     assert "\n" not in line
     assert line.startswith(r"H=(x\x29\x20[10.9.9.9]:1\x20I=plain) [192.0.2.7]:4000 ")
     assert r'detail="MTA: 421 4.3.2 \x22bye\x22 (now)\x0aH=(evil) [10.9.9.9]"' in line
+
+
+async def test_xclient_lookup_outlasting_the_connect_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The client-name lookup for XCLIENT runs after the connect: a deadline left from the
+    connect (1 s) must not cut it. The lookup takes 1 s, the banner 0.6 s."""
+    import proxy.session
+
+    async def slow_name(addr: str, timeout: float = 5.0) -> str:
+        await trio.sleep(1.0)
+        return "[UNAVAILABLE]"
+
+    monkeypatch.setattr(proxy.session, "client_name", slow_name)
+    xclient_ok = {"XCLIENT": b"220 fake.test ESMTP\r\n"}
+    mta = FakeMTA(proxy_protocol=False, banner_delay=0.6, script=xclient_ok)
+    upstream = {"client_identity": "xclient", "connect_timeout": 1}
+    async with running(mta, upstream=upstream) as (port, metrics):
+        c = await connect(port)
+        await c.stream.send_all(b"QUIT\r\n")
+        assert [r.code for r in await c.replies_n(2)] == [220, 221]
+        assert await c.reply() is None
+    assert sample(metrics, "sessions_total", listener="plain", outcome="quit") == 1
+    assert mta.commands[0].startswith(b"XCLIENT ADDR=127.0.0.1 ")

@@ -573,6 +573,7 @@ class SessionMachine:
     def _on_tls(self, event: TlsEstablished) -> None:
         if event.side is Side.UPSTREAM:
             self.log.upstream_tls = event.version
+            self.mta.capabilities = {}  # RFC 3207: forget what was said in cleartext
             self._after_setup_step()
             self._pump()
             return
@@ -758,38 +759,38 @@ class SessionMachine:
         return True
 
     def _step_commands(self) -> bool:
+        """Commands and replies, until the machine waits (False) or changes phase."""
         mta = self.mta
-        if mta.pending:
-            tag = mta.next_tag
-            if isinstance(tag, Command) and tag.verb == "BDAT" and not self._chunk_done:
-                self.phase = Phase.BDAT
-                return True
-            got = self._next_reply()
-            if got is None:
+        while self.phase is Phase.COMMANDS:
+            if mta.pending:
+                tag = mta.next_tag
+                if type(tag) is Command and tag.verb == "BDAT" and not self._chunk_done:
+                    self.phase = Phase.BDAT
+                    break
+                got = self._next_reply()
+                if got is None:
+                    return False
+                tag, reply = got
+                if isinstance(tag, Step):
+                    self._on_step_reply(tag, reply)
+                elif tag.verb == "BDAT":
+                    self._on_bdat_reply(tag, reply)
+                else:
+                    self._on_reply(tag, reply)
+            elif self._batch:
+                cmd = self._batch.popleft()
+                self._send(cmd, cmd.raw)
+                if cmd.verb == "BDAT":
+                    self._chunk_done = False
+                elif not mta.buffered:  # the usual case: its reply cannot be here yet
+                    self._wait_reply()
+                    return False
+            elif self._held is not None:
+                held, self._held = self._held, None
+                self._on_held(held)
+            elif not self._collect():
                 return False
-            tag, reply = got
-            if isinstance(tag, Step):
-                self._on_step_reply(tag, reply)
-            elif tag.verb == "BDAT":
-                self._on_bdat_reply(tag, reply)
-            else:
-                self._on_reply(tag, reply)
-            return True
-        if self._batch:
-            cmd = self._batch.popleft()
-            self._send(cmd, cmd.raw)
-            if cmd.verb == "BDAT":
-                self._chunk_done = False
-                return True
-            if not mta.buffered:  # the usual case: its reply cannot be here yet
-                self._wait_reply()
-                return False
-            return True
-        if self._held is not None:
-            held, self._held = self._held, None
-            self._on_held(held)
-            return True
-        return self._collect()
+        return True
 
     def _collect(self) -> bool:
         """Read commands up to the end of a group (or of what the client sent), then send

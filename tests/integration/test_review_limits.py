@@ -158,8 +158,10 @@ def test_sigterm_relays_the_verdict_of_a_finished_message(
         proxy.proc.send_signal(signal.SIGTERM)
         drained = idle.reply(timeout=GRACE + 5)
         t_idle = time.monotonic() - t0
+        after: Reply | None = None
         if mode != "idle":
             final = sender.reply(timeout=PAUSE + 4)
+            after = sender.reply(timeout=5)  # then the session ends as the others do
         t_final = time.monotonic() - t0
         try:
             code = proxy.proc.wait(timeout=GRACE + DATA_TERM + 3)
@@ -175,6 +177,7 @@ def test_sigterm_relays_the_verdict_of_a_finished_message(
         )
         assert b"queued as" in final.lines[0], final
         assert PAUSE - 1 <= t_final <= PAUSE + 2, t_final  # the 250 came after the pause
+        assert after is not None and after.code == 421 and b"4.3.2" in after.lines[0], after
     assert drained is not None and drained.code == 421, drained
     assert b"4.3.2" in drained.lines[0], drained
     assert GRACE - 0.3 <= t_idle <= GRACE + 2, t_idle
