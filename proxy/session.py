@@ -65,6 +65,8 @@ log = logging.getLogger("pipeconnect.session")
 _HOSTNAME = socket.gethostname()  # the proxy's EHLO name towards an MTA it speaks TLS to
 DRAIN_LIMIT = 256 * 1024  # bytes read (and dropped) after a final reply before closing
 CLOSE_TIMEOUT = 2.0  # seconds for a close (TLS close_notify is one small write)
+# How long the early phase waits for the MTA in one task before the reader task joins it.
+EARLY_ALONE = 0.05
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
@@ -76,6 +78,7 @@ class _Doing(Enum):
     UPSTREAM_SEND = auto()
     CLIENT_TLS = auto()
     DRAIN = auto()
+    EARLY_ALONE = auto()  # for the MTA in the one-task early phase (EARLY_ALONE seconds)
 
 
 class _LiveCounters:
@@ -169,6 +172,8 @@ class Session:
         self._verdict_send = False  # a write carrying a message's verdict is under way
         self._client_eof = False
         self._connected_at: float | None = None
+        self._unfed: tuple[bytes | None] | None = None  # the early reader's last read
+        self._rearm = False  # the scope's deadline was set short: set it exactly next
         # Early input only held: one task reads it when the MTA has answered (plain TCP).
         self._poll_early = not self.machine.early_input_urgent and not implicit_tls
 
@@ -235,6 +240,9 @@ class Session:
         if doing is _Doing.UPSTREAM_SEND:
             return SendTimedOut(Side.UPSTREAM)
         deadline = self.machine.deadline
+        if doing is _Doing.EARLY_ALONE and (deadline is None or trio.current_time() < deadline):
+            self._poll_early = False  # a slow banner: the reader task joins
+            return None
         if doing is _Doing.WAIT and (deadline is None or trio.current_time() < deadline):
             return None
         return DeadlinePassed()
@@ -277,7 +285,10 @@ class Session:
             if machine.phase is Phase.EARLY and not self._poll_early:
                 await self._early_phase(actions)
             else:
-                await self._perform(actions)
+                left = await self._perform(actions)
+                if left is not None:
+                    actions = left  # the early phase begins: two tasks from here
+                    continue
             if machine.done:
                 return
             actions = await self._next()
@@ -285,8 +296,16 @@ class Session:
     async def _next(self) -> list[Action]:
         """Wait for what the machine wants (one side: the relay never waits for both)."""
         machine = self.machine
+        if self._unfed is not None:  # read by the early reader as the phase ended
+            (data,), self._unfed = self._unfed, None
+            if data is None:
+                return self._feed(ClientBroken())
+            self._client_eof = not data
+            return self._feed(ClientData(data) if data else ClientEof())
         deadline = machine.deadline
-        if machine.wants_client and machine.phase is not Phase.EARLY:
+        if machine.phase is Phase.EARLY:  # one task (_poll_early): the MTA, for a while
+            return self._feed(await self._receive_upstream(deadline, alone=True))
+        if machine.wants_client:
             stream = self.client_stream
             if deadline is not None and trio.current_time() >= deadline:
                 data = None  # a trickler's byte that happens to be waiting does not count
@@ -306,13 +325,20 @@ class Session:
             return self._feed(await self._receive_upstream(deadline))
         raise RuntimeError(f"the machine waits for nothing in {machine.phase}")
 
-    async def _receive_upstream(self, deadline: float | None) -> Event:
+    async def _receive_upstream(self, deadline: float | None, *, alone: bool = False) -> Event:
         stream = self.up_stream
         if stream is None:
             return UpstreamBroken(sending=False)
         data = fastio.try_receive(stream, 65536)
         if data is None:
-            if not self._early:
+            if alone:
+                # The early phase in one task only while the MTA answers quickly: a client
+                # that leaves (or talks) before a slow banner is seen by the reader task.
+                limit = trio.current_time() + EARLY_ALONE
+                self._scope.deadline = limit if deadline is None else min(limit, deadline)
+                self._doing = _Doing.EARLY_ALONE
+                self._rearm = True
+            elif not self._early:
                 self._arm(deadline, exact=type(stream) is not trio.SocketStream)
             try:
                 data = await fastio.receive_some(stream, 65536)
@@ -361,6 +387,13 @@ class Session:
                     try:
                         data = await fastio.receive_some(self.client_stream, machine.read_size)
                     except _BROKEN:
+                        data = None
+                    if machine.phase is not Phase.EARLY or self._reader_scope.cancel_called:
+                        # Read as the phase ended (woken before the cancel): the main task
+                        # feeds it, after what it is doing (the banner goes first).
+                        self._unfed = (data,)
+                        return
+                    if data is None:
                         event = ClientBroken()
                     else:
                         self._client_eof = not data
@@ -384,7 +417,10 @@ class Session:
 
     # ------------------------------------------------------------ actions
 
-    async def _perform(self, actions: list[Action]) -> None:
+    async def _perform(self, actions: list[Action]) -> list[Action] | None:
+        """Carry out ``actions`` in order. Returns what is left for the early phase's two
+        tasks when an action's result starts that phase (TLS on connect: the handshake
+        done, the connect follows while early input must be read meanwhile)."""
         if (
             self._reader_task is not None
             and self.machine.phase is not Phase.EARLY
@@ -421,8 +457,11 @@ class Session:
             if follow is not None:
                 # What follows from this action supersedes the rest of the list: a failure
                 # ends the session; a handshake, connect or lookup is last in its list.
-                await self._perform(self._feed(follow))
-                return
+                more = self._feed(follow)
+                if self.machine.phase is Phase.EARLY and not self._poll_early and not self._early:
+                    return more
+                return await self._perform(more)
+        return None
 
     def _arm(self, deadline: float | None, *, exact: bool) -> None:
         """Before a read: make the scope fire no later than ``deadline``. Moving a deadline
@@ -431,7 +470,8 @@ class Session:
         simply starts again (_interruption) -- on a plain socket, where a cut read loses
         nothing. A TLS read may have to write (a cut write breaks the stream): ``exact``."""
         self._doing = _Doing.WAIT
-        if exact:
+        if exact or self._rearm:
+            self._rearm = False  # (the one-task early phase's short deadline goes)
             self._scope.deadline = math.inf if deadline is None else deadline
         elif deadline is not None and deadline < self._scope.deadline:
             self._scope.deadline = deadline
@@ -545,7 +585,14 @@ class Session:
             return
         # Bounded in bytes too: a flooder would keep us copying its junk for the whole
         # drain time (bench/attack.py); one that sent this much more has had its reply.
-        self._bound(self.cfg.timeouts.early_drain, _Doing.DRAIN)
+        if self._early:  # in the reader's shield: a scope of its own
+            with trio.move_on_after(self.cfg.timeouts.early_drain):
+                await self._drain()
+        else:
+            self._bound(self.cfg.timeouts.early_drain, _Doing.DRAIN)
+            await self._drain()
+
+    async def _drain(self) -> None:
         drained = 0
         try:
             while drained < DRAIN_LIMIT:

@@ -302,6 +302,7 @@ class SessionMachine:
         self._verdict_awaited = False
         self._verdict_queued = False
         self._stop_after_verdict = False
+        self._stop_now = False  # the verdict has left: end with the 421 now
         self._banner = Reply.make(0)
         t = config.timeouts
         self._reply_timeouts = {"MAIL": t.mail, "RCPT": t.rcpt, "DATA": t.data_init}
@@ -362,6 +363,8 @@ class SessionMachine:
             self._on_deadline()
         else:
             self._on_other(event)
+        if self._stop_now and not self.done:
+            self._on_shutdown(False)
         if self.phase is Phase.EARLY:  # early input is read whatever else is awaited
             self.wants_client = not self.client_eof and self.read_size > 0
         return self._take()
@@ -434,9 +437,12 @@ class SessionMachine:
 
     def _flush(self) -> None:
         if self._out:
-            self._act(SendClient(bytes(self._out), verdict=self._verdict_queued))
+            verdict = self._verdict_queued
+            self._act(SendClient(bytes(self._out), verdict=verdict))
             self._out.clear()
             self._verdict_queued = False
+            if verdict and self._stop_after_verdict:
+                self._stop_now = True  # the 421 right behind this write (handle, _pump)
 
     def _send(self, tag: Tag, line: bytes) -> None:
         command = tag is not Step.AUTH_LINE and tag is not Step.AUTH_CANCEL
@@ -716,7 +722,7 @@ class SessionMachine:
 
     def _pump(self) -> None:
         """Make progress until the machine must wait for one side."""
-        while True:
+        while not self._stop_now:
             phase = self.phase
             if phase is Phase.COMMANDS:
                 progressed = self._step_commands()
@@ -1120,9 +1126,7 @@ class SessionMachine:
         if self.done:
             return
         if self._stop_after_verdict:
-            # Draining: the verdict reaches the client in a write of its own, then the 421.
-            self._flush()
-            self._on_shutdown(False)
+            self._flush()  # draining: the verdict now, then the 421 (_stop_now)
 
     # ------------------------------------------------------------ AUTH
 
