@@ -34,6 +34,25 @@ SEEDS: dict[str, list[bytes]] = {
         proxyproto.encode_v2(("2001:db8::1", 1), ("::1", 25)),
         proxyproto.encode_v2_local([(0x04, b"")]),
     ],
+    "machine": [
+        # advertised, pipelining + chunking, EOF at the end; the defaults answer everything
+        b"\x99\x0c\x01" + _SESSION,
+        # early pipelining before the banner: EHLO + group, a message, QUIT
+        b"\x99\x0c\x02"
+        + b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n"
+        + b"Subject: x\r\n\r\n..dot\r\n.\r\nQUIT\r\n",
+        # not advertised, forward, no PIPELINING; the MTA refuses the RCPT, 421s the RSET
+        b"\x84\x0c\x03"
+        + b"EHLO c.test\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nRSET\r\n"
+        + b"||||550 5.1.1 no\n|421 4.3.2 bye\n",
+        # xclient identity, a timeout and a shutdown somewhere, BDAT without CHUNKING; the
+        # MTA stalls on its second command
+        b"\xe9\x0d\x04" + b"EHLO c\r\nMAIL FROM:<a@b>\r\nBDAT 3 LAST\r\nxyzQUIT\r\n|||S",
+        # early pipelining into an MTA without PIPELINING: replayed one command per reply
+        b"\x81\x0c\x01" + b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n",
+        # junk from the MTA, then it closes
+        b"\x09\x0e\x05" + b"EHLO c\r\nNOOP\r\n" + b"|||250-a\n251 b\n|C",
+    ],
     "ehlo": [
         b"\x00\x03PIPELINING\nSIZE 1000\nSTARTTLS\nXCLIENT NAME\nCHUNKING\nPIPECONNECT\n",
         b"\x03\x0fsize 5\nxforward NAME\nx_pipe_connect\n",

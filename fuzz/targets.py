@@ -339,9 +339,83 @@ def ehlo(data: bytes) -> None:
     assert not ({k.decode("latin-1") for k in kws} & (PROXY_ONLY_KEYWORDS - {"STARTTLS"}))
 
 
+# ---------------------------------------------------------------- the session machine
+
+_POLICIES = ("defer", "reject", "forward", "accept")
+_IDENTITIES = ("proxy-v2", "xclient", "none", "proxy-v1")
+
+
+def machine(data: bytes) -> None:
+    """SessionMachine through the pure harness (tests/machine_harness.py): random client
+    bytes and random MTA replies, any interleaving and cut. Nothing may escape but an
+    AssertionError for a broken invariant: after every event the machine waits for
+    something with a deadline (or an action is pending), its buffers stay bounded, nothing
+    reaches the MTA before its banner (``forward``: only early lines), nothing is written
+    to a closed side; at the end no group without PIPELINING, nothing the client did not
+    send (never XCLIENT/XFORWARD/PROXY), no 250 for a message the MTA did not give, none
+    twice."""
+    from tests.machine_harness import (
+        CLOSE,
+        STALL,
+        Harness,
+        MtaModel,
+        Script,
+        ScriptedClient,
+        Step,
+        check_session,
+        ehlo_reply,
+        make_config,
+        run_session,
+    )
+
+    inp = _Input(data, 3)
+    flags, identity = inp.byte(0), inp.byte(1)
+    # what the client sends || what the MTA answers
+    client_bytes, _, mta_bytes = inp.body.partition(b"||")
+    rng = random.Random(inp.byte(2))  # the interleaving, the cuts, the verdicts
+    # The MTA's answers, one per command in order: "|"-separated; "C" closes, "S" stalls,
+    # an empty one is the default. Its verdicts' texts stay its own ("queued as Qn").
+    scripts: list[Script] = []
+    for part in mta_bytes.replace(b"queued", b"queueD").split(b"|") if mta_bytes else []:
+        scripts.append({b"C": CLOSE, b"S": STALL}.get(part, part.replace(b"\n", b"\r\n")))
+
+    def responder(line: bytes) -> Script | None:
+        if not scripts:
+            return None
+        script = scripts.pop(0)
+        return script or None
+
+    def verdict(n: int) -> Script | None:
+        return rng.choice([None, None, b"451 4.3.0 later\r\n", CLOSE, STALL])
+
+    mta = MtaModel(
+        ehlo=ehlo_reply(pipelining=bool(flags & 8), chunking=bool(flags & 16)),
+        responder=responder,
+        verdict_responder=verdict,
+    )
+    config = make_config(
+        pipe_connect={
+            "advertise_hosts": ["*"] if flags & 1 else [],
+            "unadvertised_early_input": _POLICIES[flags >> 1 & 3],
+            "max_early_bytes": 64 + identity * 4,
+        },
+        upstream={"client_identity": _IDENTITIES[identity & 3]},
+        limits={"max_pipelined_commands": 1 + (identity >> 2) % 4},
+    )
+    h = Harness(mta, config=config)
+    client = ScriptedClient(
+        [Step(client_bytes, eager=True)] if client_bytes else [],
+        end="eof" if flags & 128 else "silent",
+        raw=True,
+    )
+    run_session(h, client, rng.randrange, timeouts=bool(flags & 32), shutdown=bool(flags & 64))
+    check_session(h, client)
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "commands": commands,
     "replies": replies,
     "proxy_header": proxy_header,
     "ehlo": ehlo,
+    "machine": machine,
 }
