@@ -1,0 +1,190 @@
+"""Outbound mode's EHLO cache: what a remote MX said when it offered early pipelining.
+
+One row per (source IP, destination IP, port), as Exim's hints database keys its
+``hosts_pipe_connect`` records: the MX's banner and EHLO reply, when they were learned and
+last verified, and a strike count. An entry is served only while it is younger than the TTL
+(Exim's ``retry_data_expire``, 7 days by default). A mismatch between a cached reply and the
+MX's real one is a strike: the entry goes, and a destination that keeps mismatching (a load
+balancer in front of different MXes) is not cached again for a while.
+
+Standard library ``sqlite3`` in WAL mode, so the processes of ``server.workers`` share one
+file. Synchronous and short: every statement is one indexed row. Times are passed in (the
+caller's clock), so the cache is tested without sleeping.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+
+from .smtp import EARLY_PIPELINING_KEYWORDS, ProtocolError, Reply, ReplyReader, ehlo_keywords
+
+DEFAULT_TTL = 7 * 24 * 3600.0
+MAX_STRIKES = 3  # mismatches in a row before a destination is left uncached ...
+BLOCK_SECONDS = 24 * 3600.0  # ... for this long
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS ehlo (
+    source TEXT NOT NULL,
+    dest TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    banner BLOB NOT NULL,
+    ehlo BLOB NOT NULL,
+    learned REAL NOT NULL,
+    verified REAL NOT NULL,
+    strikes INTEGER NOT NULL DEFAULT 0,
+    blocked_until REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (source, dest, port)
+)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    source: str
+    dest: str
+    port: int
+    banner: Reply
+    ehlo: Reply
+    learned: float
+    verified: float
+    strikes: int
+    blocked_until: float
+
+    @property
+    def usable(self) -> bool:
+        """Whether the row holds replies to serve (a blocked destination keeps none)."""
+        return self.banner.code == 220 and self.ehlo.code == 250
+
+
+def cacheable(banner: Reply, ehlo: Reply) -> bool:
+    """Whether an MX's greeting may be served from the cache: a 220 banner that is not a
+    PIX-style masked one ("220 ****...", whose text changes the session's meaning), and a
+    250 EHLO reply offering PIPELINING and an early-pipelining keyword."""
+    if banner.code != 220 or ehlo.code != 250:
+        return False
+    if banner.lines[0].lstrip().startswith(b"*"):
+        return False
+    keywords = ehlo_keywords(ehlo)
+    return "PIPELINING" in keywords and any(k in keywords for k in EARLY_PIPELINING_KEYWORDS)
+
+
+def _parse(data: bytes) -> Reply:
+    reader = ReplyReader(max_line=65536, max_lines=1000)
+    reader.feed(data)
+    try:
+        reply = reader.next_reply()
+    except ProtocolError:
+        reply = None
+    if reply is None or reader.buffered:
+        return Reply.make(0, "unreadable cache entry")
+    return reply
+
+
+class EhloCache:
+    def __init__(self, path: str, *, ttl: float = DEFAULT_TTL) -> None:
+        self.path = path
+        self.ttl = ttl
+        with self._db() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(_SCHEMA)
+
+    @contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        # A connection per call: workers are separate processes, and an idle open
+        # connection would hold nothing worth keeping. The transaction commits on success.
+        with closing(sqlite3.connect(self.path, timeout=2.0)) as db, db:
+            yield db
+
+    def _row(self, db: sqlite3.Connection, key: tuple[str, str, int]) -> Entry | None:
+        row = db.execute(
+            "SELECT source, dest, port, banner, ehlo, learned, verified, strikes, blocked_until"
+            " FROM ehlo WHERE source = ? AND dest = ? AND port = ?",
+            key,
+        ).fetchone()
+        if row is None:
+            return None
+        source, dest, port, banner, ehlo, learned, verified, strikes, blocked = row
+        return Entry(
+            source, dest, port, _parse(banner), _parse(ehlo), learned, verified, strikes, blocked
+        )
+
+    # -- what the outbound session asks
+
+    def lookup(self, source: str, dest: str, port: int, now: float) -> Entry | None:
+        """The entry to serve early pipelining from, or None: none, expired, blocked, or
+        unreadable (a miss: the session relays and learns)."""
+        with self._db() as db:
+            entry = self._row(db, (source, dest, port))
+        if entry is None or not entry.usable or now - entry.learned > self.ttl:
+            return None
+        if not cacheable(entry.banner, entry.ehlo):
+            return None
+        return entry
+
+    def learn(
+        self, source: str, dest: str, port: int, banner: Reply, ehlo: Reply, now: float
+    ) -> bool:
+        """Store what the MX said, if it may be served later; False if not stored (not
+        cacheable, or the destination is blocked after repeated mismatches)."""
+        if not cacheable(banner, ehlo):
+            return False
+        with self._db() as db:
+            old = self._row(db, (source, dest, port))
+            if old is not None and old.blocked_until > now:
+                return False
+            db.execute(
+                "INSERT OR REPLACE INTO ehlo VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0)",
+                (
+                    source,
+                    dest,
+                    port,
+                    banner.to_bytes(),
+                    ehlo.to_bytes(),
+                    now,
+                    now,
+                    0 if old is None else old.strikes,
+                ),
+            )
+        return True
+
+    def verified(self, source: str, dest: str, port: int, now: float) -> None:
+        """The MX's real banner and EHLO reply matched the cache: a clean session."""
+        with self._db() as db:
+            db.execute(
+                "UPDATE ehlo SET verified = ?, strikes = 0"
+                " WHERE source = ? AND dest = ? AND port = ?",
+                (now, source, dest, port),
+            )
+
+    def strike(self, source: str, dest: str, port: int, now: float) -> bool:
+        """The MX did not say what the cache held: drop the replies and count it. True if
+        the destination is now blocked (MAX_STRIKES in a row) for BLOCK_SECONDS."""
+        with self._db() as db:
+            old = self._row(db, (source, dest, port))
+            strikes = 1 if old is None else old.strikes + 1
+            blocked = now + BLOCK_SECONDS if strikes >= MAX_STRIKES else 0.0
+            db.execute(
+                "INSERT OR REPLACE INTO ehlo VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (source, dest, port, b"", b"", now, now, strikes, blocked),
+            )
+        return blocked > 0
+
+    # -- what the operator asks (pipeconnect-proxy cache list|flush [DEST])
+
+    def entries(self) -> list[Entry]:
+        with self._db() as db:
+            keys = db.execute("SELECT source, dest, port FROM ehlo ORDER BY dest, port, source")
+            rows = [self._row(db, key) for key in keys.fetchall()]
+        return [row for row in rows if row is not None]
+
+    def flush(self, dest: str | None = None) -> int:
+        """Forget every entry (or those for ``dest``); how many went."""
+        with self._db() as db:
+            if dest is None:
+                cursor = db.execute("DELETE FROM ehlo")
+            else:
+                cursor = db.execute("DELETE FROM ehlo WHERE dest = ?", (dest,))
+            return cursor.rowcount
