@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from tests.mta import EximClient, EximServer, Postfix, free_port, missing_software
 from tests.needs import skip_or_fail
@@ -152,3 +153,23 @@ def proxy_factory(tmp_path: Path) -> Iterator[ProxyFactory]:
     yield make
     for proc in made:
         proc.stop()
+
+
+# ---------------------------------------------------------------- TLS for the proxy's listeners
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def tls_files(ca: trustme.CA, tmp_path: Path) -> dict[str, str]:
+    """A certificate for mx.test and 127.0.0.1 (the proxy's ``[tls]``), and its CA."""
+    cert = ca.issue_cert("mx.test", "127.0.0.1")
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
+    cert.private_key_pem.write_to_path(str(key_path))
+    ca_path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_path))
+    return {"certificate": str(cert_path), "key": str(key_path), "ca": str(ca_path)}

@@ -6,7 +6,8 @@ not advertised PIPELINING, finding more input buffered behind a command is a vio
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -39,9 +40,14 @@ class FakeMTA:
     proxy_protocol: bool = True
     banner: bytes = b"220 fake.test ESMTP\r\n"
     banner_delay: float = 0.0
+    # Sends the greeting itself, when a test must time it exactly (instead of banner and
+    # banner_delay, and of the look for input sent before it).
+    greet: Callable[[trio.SocketStream], Awaitable[None]] | None = None
     # verb -> action, consulted before the defaults
     script: dict[str, Action] = field(default_factory=dict)
-    on_line: Callable[[bytes], Action | None] | None = None
+    # Per command line, before the script: an action, None for the default, or an awaitable
+    # of either (a test holding a reply back until it is ready).
+    on_line: Callable[[bytes], Action | Awaitable[Action | None] | None] | None = None
     received: bytearray = field(default_factory=bytearray)
     commands: list[bytes] = field(default_factory=list)
     messages: list[bytes] = field(default_factory=list)
@@ -75,6 +81,10 @@ class FakeMTA:
                     self.proxy_destinations.append(hdr.dst)
                     self.proxy_tlvs.append(hdr.tlvs)
                     del buf[: hdr.length]
+                if self.greet is not None:
+                    await self.greet(stream)
+                    await self._converse(stream, buf)
+                    return
                 await trio.sleep(self.banner_delay)
                 # Anything already readable now was sent before our greeting.
                 with trio.move_on_after(0.01):
@@ -119,7 +129,7 @@ class FakeMTA:
                 if buf and not self.pipelining:
                     self.violations.append(f"pipelined behind {line!r}: {bytes(buf)!r}")
                 verb = line.split(b" ", 1)[0].strip().upper().decode("ascii", "replace")
-                reply = self._reply_for(verb, line)
+                reply = await self._reply_for(verb, line)
                 if verb == "DATA" and isinstance(reply, bytes) and reply.startswith(b"354"):
                     in_data = True
                 if verb == "BDAT":
@@ -149,9 +159,11 @@ class FakeMTA:
             if line.upper().startswith(b"QUIT"):
                 return
 
-    def _reply_for(self, verb: str, line: bytes) -> Action:
+    async def _reply_for(self, verb: str, line: bytes) -> Action:
         if self.on_line is not None:
             action = self.on_line(line)
+            if inspect.isawaitable(action):
+                action = await action
             if action is not None:
                 return action
         if verb in self.script:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 import trio
 
 from proxy.machine.events import CloseClient, SendClient
@@ -63,99 +62,22 @@ def test_shutdown_with_verdict_queued_behind_next_group_ends_after_that_write() 
 
 # ---------------------------------------------------------------- socket-level helpers
 
-from collections.abc import AsyncIterator, Awaitable, Callable  # noqa: E402
+from collections.abc import AsyncIterator, Awaitable  # noqa: E402
 from contextlib import asynccontextmanager  # noqa: E402
 
 from proxy.metrics import Metrics  # noqa: E402
-from proxy.proxyproto import parse_header  # noqa: E402
 from proxy.server import Runtime, serve  # noqa: E402
 
-from .fakemta import default_ehlo  # noqa: E402
+from .fakemta import FakeMTA  # noqa: E402
 from .samples import sample  # noqa: E402
 from .test_session import Client  # noqa: E402
 from .test_session import make_config as socket_config  # noqa: E402
-
-# A hook the tiny MTA calls per connection: (mta stream, header bytes left) -> None, and
-# per command line: (line, message count) -> awaitable reply bytes.
-Greeter = Callable[[trio.SocketStream], Awaitable[None]]
-Replier = Callable[[bytes, int], Awaitable[bytes]]
-
-
-class TinyMTA:
-    """A line MTA whose greeting and replies are coroutines, so a test can time them."""
-
-    def __init__(self, greet: Greeter | None = None, reply: Replier | None = None) -> None:
-        self.greet = greet
-        self.reply = reply
-        self.received = bytearray()
-        self.messages: list[bytes] = []
-        self.streams: list[trio.SocketStream] = []
-
-    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, self._handle, listeners)
-            task_status.started(listeners[0].socket.getsockname()[1])
-
-    async def _handle(self, stream: trio.SocketStream) -> None:
-        self.streams.append(stream)
-        buf = bytearray()
-        try:
-            while (hdr := parse_header(bytes(buf))) is None:
-                data = await stream.receive_some(4096)
-                if not data:
-                    return
-                buf += data
-            del buf[: hdr.length]
-            if self.greet is not None:
-                await self.greet(stream)
-            else:
-                await stream.send_all(b"220 tiny.test ESMTP\r\n")
-            in_data = False
-            message = bytearray()
-            while True:
-                nl = buf.find(b"\n")
-                if nl < 0:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        return
-                    self.received += data
-                    buf += data
-                    continue
-                line = bytes(buf[: nl + 1])
-                del buf[: nl + 1]
-                if in_data:
-                    if line != b".\r\n":
-                        message += line
-                        continue
-                    in_data = False
-                    self.messages.append(bytes(message))
-                    message.clear()
-                verb = line.split(b" ", 1)[0].strip().upper()
-                if self.reply is not None:
-                    said = line if line != b".\r\n" else b"."
-                    out = await self.reply(said, len(self.messages))
-                else:
-                    out = b""
-                if not out:
-                    out = {
-                        b"EHLO": default_ehlo(True, True),
-                        b"DATA": b"354 go ahead\r\n",
-                        b"QUIT": b"221 bye\r\n",
-                        b".": b"250 2.0.0 queued as Q%d\r\n" % len(self.messages),
-                    }.get(verb if line != b".\r\n" else b".", b"250 2.0.0 Ok\r\n")
-                if verb == b"DATA" and out.startswith(b"354"):
-                    in_data = True
-                await stream.send_all(out)
-                if verb == b"QUIT":
-                    return
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+from .test_tls_session import running_tls  # noqa: E402
 
 
 @asynccontextmanager
 async def proxy_for(
-    mta: TinyMTA, **sections: dict[str, Any]
+    mta: FakeMTA, **sections: dict[str, Any]
 ) -> AsyncIterator[tuple[int, Runtime, Metrics]]:
     async with trio.open_nursery() as nursery:
         port = await nursery.start(mta.serve)
@@ -174,13 +96,20 @@ async def proxy_for(
 
 async def test_shutdown_verdict_queued_behind_pipelined_group_socket() -> None:
     gate = trio.Event()
+    mails = 0
 
-    async def reply(line: bytes, messages: int) -> bytes:
-        if line.startswith(b"MAIL") and messages == 1:
-            await gate.wait()  # the second transaction's MAIL: hold it until shutdown()
-        return b""
+    async def until_shutdown() -> None:
+        await gate.wait()
 
-    mta = TinyMTA(reply=reply)
+    def hold(line: bytes) -> Awaitable[None] | None:
+        nonlocal mails
+        if line.startswith(b"MAIL"):
+            mails += 1
+            if mails == 2:
+                return until_shutdown()  # the second transaction's MAIL: held until shutdown()
+        return None
+
+    mta = FakeMTA(on_line=hold, script={"EOD": b"250 2.0.0 queued as Q1\r\n"})
     async with proxy_for(mta, server={"shutdown_grace": 0.1}) as (port, runtime, _metrics):
         c = Client(await trio.open_tcp_stream("127.0.0.1", port))
         async with c.stream:
@@ -210,11 +139,7 @@ async def test_shutdown_verdict_queued_behind_pipelined_group_socket() -> None:
 
 
 async def test_early_refusal_drain_is_bounded_by_early_drain() -> None:
-    async def greet(stream: trio.SocketStream) -> None:
-        await trio.sleep(1.0)  # a slow banner: the client talks first
-        await stream.send_all(b"220 tiny.test ESMTP\r\n")
-
-    mta = TinyMTA(greet=greet)
+    mta = FakeMTA(banner_delay=1.0)  # a slow banner: the client talks first
     sections: dict[str, Any] = {
         "pipe_connect": {"advertise_hosts": [], "unadvertised_early_input": "defer"},
         "timeouts": {"early_drain": 0.2, "data_block": 4},
@@ -239,53 +164,15 @@ async def test_early_refusal_drain_is_bounded_by_early_drain() -> None:
 
 # ---------------------------------------------------------------- TLS on connect
 
-import trustme  # noqa: E402
-
 from proxy.tls import OpenSSLStream, client_context  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def review_ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture
-def tls_files(review_ca: trustme.CA, tmp_path: Any) -> dict[str, str]:
-    cert = review_ca.issue_cert("mx.test", "127.0.0.1")
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
-    cert.private_key_pem.write_to_path(str(key_path))
-    ca_path = tmp_path / "ca.pem"
-    review_ca.cert_pem.write_to_path(str(ca_path))
-    return {"certificate": str(cert_path), "key": str(key_path), "ca": str(ca_path)}
-
-
-@asynccontextmanager
-async def tls_proxy_for(
-    mta: TinyMTA, files: dict[str, str], **sections: dict[str, Any]
-) -> AsyncIterator[tuple[int, int, Metrics]]:
-    tls = {"certificate": files["certificate"], "key": files["key"]}
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(mta.serve)
-        cfg = socket_config(port, tls=tls, listen={"tls_on_connect": ["127.0.0.1:0"]}, **sections)
-        metrics = Metrics()
-        bound = await nursery.start(serve, cfg, metrics)
-        try:
-            yield bound[0][1], bound.tls_on_connect[0][1], metrics
-        finally:
-            nursery.cancel_scope.cancel()
-
-
 async def test_tls_on_connect_early_talker_refused_under_defer(tls_files: dict[str, str]) -> None:
-    async def greet(stream: trio.SocketStream) -> None:
-        await trio.sleep(0.5)
-        await stream.send_all(b"220 tiny.test ESMTP\r\n")
-
-    mta = TinyMTA(greet=greet)
+    mta = FakeMTA(banner_delay=0.5)
     sections: dict[str, Any] = {
         "pipe_connect": {"advertise_hosts": [], "unadvertised_early_input": "defer"}
     }
-    async with tls_proxy_for(mta, tls_files, **sections) as (_, tls_port, _metrics):
+    async with running_tls(mta, tls_files, **sections) as (_, tls_port, _metrics):
         raw = await trio.open_tcp_stream("127.0.0.1", tls_port)
         tls = OpenSSLStream(raw, client_context(tls_files["ca"]), server_hostname="mx.test")
         async with tls:
@@ -300,7 +187,7 @@ async def test_tls_on_connect_early_talker_refused_under_defer(tls_files: dict[s
                     if b"250 " in got:
                         break
         assert got.startswith(b"421 4.5.0"), repr(got)  # the early-input policy, as plain TCP
-    assert b"EHLO" not in mta.received
+    assert b"EHLO" not in mta.received and mta.early_input == [] and mta.commands == []
 
 
 # ---------------------------------------------------------------- the early reader's race
@@ -320,7 +207,7 @@ async def _banner_and_client_bytes_at_once(
         ready["client"].socket._sock.send(client_bytes)
 
     firsts: list[bytes] = []
-    mta = TinyMTA(greet=greet)
+    mta = FakeMTA(greet=greet)
     tls = {"certificate": files["certificate"], "key": files["key"]}
     sections: dict[str, Any] = {
         "tls": tls,
@@ -353,11 +240,7 @@ async def test_early_reader_never_acts_after_the_phase_ended(tls_files: dict[str
 
 
 async def test_client_gone_before_the_banner_ends_the_session_at_once() -> None:
-    async def greet(stream: trio.SocketStream) -> None:
-        await trio.sleep(3)  # a slow greeter (postscreen's greet pause, a loaded MTA)
-        await stream.send_all(b"220 tiny.test ESMTP\r\n")
-
-    mta = TinyMTA(greet=greet)
+    mta = FakeMTA(banner_delay=3)  # a slow greeter (postscreen's greet pause, a loaded MTA)
     async with proxy_for(mta) as (port, _runtime, metrics):
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         await trio.sleep(0.1)

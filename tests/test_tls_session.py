@@ -26,22 +26,6 @@ from .samples import sample
 from .test_session import ENVELOPE, MESSAGE, make_config
 
 
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture
-def tls_files(ca: trustme.CA, tmp_path: Path) -> dict[str, str]:
-    cert = ca.issue_cert("mx.test", "127.0.0.1")
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
-    cert.private_key_pem.write_to_path(str(key_path))
-    ca_path = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_path))
-    return {"certificate": str(cert_path), "key": str(key_path), "ca": str(ca_path)}
-
-
 @asynccontextmanager
 async def running_tls(
     mta: FakeMTA, files: dict[str, str], **sections: dict[str, Any]
