@@ -62,6 +62,7 @@ from proxy.smtp import (
     Reply,
     ReplyReader,
 )
+from tests import fakemta
 
 CLIENT = ("192.0.2.7", 40000)
 LOCAL = ("127.0.0.1", 25)
@@ -108,16 +109,10 @@ def verdict_text(n: int) -> bytes:
     return b"250 2.0.0 queued as Q%d\r\n" % n
 
 
+# The socket fake's answers, and those the model needs beyond them.
 DEFAULT_REPLIES: dict[str, bytes] = {
-    "HELO": b"250 fake.test\r\n",
-    "MAIL": b"250 2.1.0 Ok\r\n",
-    "RCPT": b"250 2.1.5 Ok\r\n",
-    "DATA": b"354 End data with <CR><LF>.<CR><LF>\r\n",
-    "BDAT": b"250 2.0.0 chunk ok\r\n",
-    "RSET": b"250 2.0.0 Ok\r\n",
-    "NOOP": b"250 2.0.0 Ok\r\n",
+    **fakemta.DEFAULT_REPLIES,
     "VRFY": b"252 2.0.0 maybe\r\n",
-    "QUIT": b"221 2.0.0 Bye\r\n",
     "AUTH": b"334 \r\n",
     "STARTTLS": b"220 2.0.0 Ready to start TLS\r\n",
     "XCLIENT": b"220 fake.test ESMTP\r\n",
@@ -285,7 +280,7 @@ class MtaModel:
             return (
                 self.ehlo if self.ehlo is not None else ehlo_reply(self.pipelining, self.chunking)
             )
-        return DEFAULT_REPLIES.get(verb, b"502 5.5.2 Error: command not recognized\r\n")
+        return DEFAULT_REPLIES.get(verb, fakemta.UNKNOWN_COMMAND)
 
     def _verdict(self) -> bool:
         n = len(self.messages) + 1

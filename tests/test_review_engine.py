@@ -11,15 +11,12 @@ from typing import Any
 import trio
 
 from proxy.machine.events import CloseClient, SendClient
+from proxy.machine.session import SHUTTING_DOWN as SHUTTING_DOWN_REPLY
 from tests.machine_harness import STALL, Harness, MtaModel, make_config, verdict_text
+from tests.unit.test_machine import EHLO, ENVELOPE
 
-EHLO = b"EHLO me.test\r\n"
-MAIL = b"MAIL FROM:<a@src.test>\r\n"
-RCPT = b"RCPT TO:<b@dest.test>\r\n"
-DATA = b"DATA\r\n"
-ENVELOPE = MAIL + RCPT + DATA
 MESSAGE = b"Subject: t\r\n\r\nline one\r\n"
-SHUTTING_DOWN = b"421 4.3.2 Service shutting down, closing transmission channel\r\n"
+SHUTTING_DOWN = SHUTTING_DOWN_REPLY.to_bytes()
 
 
 def harness(mta: MtaModel | None = None, **sections: dict[str, Any]) -> Harness:
