@@ -260,8 +260,7 @@ class Session:
             self.metrics.upstream_banner.observe(time.monotonic() - self._connected_at)
             self._connected_at = None
         if self._early:
-            deadline = self.machine.deadline
-            self._scope.deadline = math.inf if deadline is None else deadline
+            self._track()
         return actions
 
     def _poll_client(self) -> list[Action]:
@@ -275,9 +274,17 @@ class Session:
                 return actions + machine.handle(ClientBroken(), now)
             if data is None:
                 break
-            self._client_eof = not data
-            actions += machine.handle(ClientData(data) if data else ClientEof(), now)
+            actions += machine.handle(self._client_event(data), now)
         return actions
+
+    def _client_event(self, data: bytes | None) -> Event:
+        """What a read from the client was: bytes, its EOF, or (None) a broken stream."""
+        if data is None:
+            return ClientBroken()
+        if not data:
+            self._client_eof = True
+            return ClientEof()
+        return ClientData(data)
 
     async def _drive(self, actions: list[Action]) -> None:
         machine = self.machine
@@ -298,13 +305,10 @@ class Session:
         machine = self.machine
         if self._unfed is not None:  # read by the early reader as the phase ended
             (data,), self._unfed = self._unfed, None
-            if data is None:
-                return self._feed(ClientBroken())
-            self._client_eof = not data
-            return self._feed(ClientData(data) if data else ClientEof())
+            return self._feed(self._client_event(data))
         deadline = machine.deadline
         if machine.phase is Phase.EARLY:  # one task (_poll_early): the MTA, for a while
-            return self._feed(await self._receive_upstream(deadline, alone=True))
+            return self._feed(await self._receive_upstream(alone=True))
         if machine.wants_client:
             stream = self.client_stream
             if deadline is not None and trio.current_time() >= deadline:
@@ -312,20 +316,17 @@ class Session:
             else:
                 data = fastio.try_receive(stream, machine.read_size)
             if data is None:
-                self._arm(deadline, exact=stream is not self.raw_stream)
+                self._arm(exact=stream is not self.raw_stream)
                 try:
                     data = await fastio.receive_some(stream, machine.read_size)
                 except _BROKEN:
-                    return self._feed(ClientBroken())
-            if not data:
-                self._client_eof = True
-                return self._feed(ClientEof())
-            return self._feed(ClientData(data))
+                    data = None
+            return self._feed(self._client_event(data))
         if machine.wants_upstream:
-            return self._feed(await self._receive_upstream(deadline))
+            return self._feed(await self._receive_upstream())
         raise RuntimeError(f"the machine waits for nothing in {machine.phase}")
 
-    async def _receive_upstream(self, deadline: float | None, *, alone: bool = False) -> Event:
+    async def _receive_upstream(self, *, alone: bool = False) -> Event:
         stream = self.up_stream
         if stream is None:
             return UpstreamBroken(sending=False)
@@ -335,11 +336,12 @@ class Session:
                 # The early phase in one task only while the MTA answers quickly: a client
                 # that leaves (or talks) before a slow banner is seen by the reader task.
                 limit = trio.current_time() + EARLY_ALONE
+                deadline = self.machine.deadline
                 self._scope.deadline = limit if deadline is None else min(limit, deadline)
                 self._doing = _Doing.EARLY_ALONE
                 self._rearm = True
             elif not self._early:
-                self._arm(deadline, exact=type(stream) is not trio.SocketStream)
+                self._arm(exact=type(stream) is not trio.SocketStream)
             try:
                 data = await fastio.receive_some(stream, 65536)
             except _BROKEN:
@@ -354,8 +356,7 @@ class Session:
         the reader is stopped before anything else touches the client."""
         machine = self.machine
         self._early = True
-        deadline = machine.deadline
-        self._scope.deadline = math.inf if deadline is None else deadline
+        self._track()
         try:
             async with trio.open_nursery() as nursery:
                 self._early_nursery = nursery
@@ -367,7 +368,7 @@ class Session:
                 while machine.phase is Phase.EARLY:
                     if not machine.wants_upstream:
                         await trio.sleep_forever()  # the reader ends the phase
-                    event = await self._receive_upstream(None)
+                    event = await self._receive_upstream()
                     await self._perform(self._feed(event))
                 await self._stop_reader()
         except BaseExceptionGroup as group:
@@ -383,7 +384,7 @@ class Session:
         try:
             with self._reader_scope:
                 while machine.phase is Phase.EARLY and machine.wants_client:
-                    event: Event
+                    data: bytes | None
                     try:
                         data = await fastio.receive_some(self.client_stream, machine.read_size)
                     except _BROKEN:
@@ -393,11 +394,7 @@ class Session:
                         # feeds it, after what it is doing (the banner goes first).
                         self._unfed = (data,)
                         return
-                    if data is None:
-                        event = ClientBroken()
-                    else:
-                        self._client_eof = not data
-                        event = ClientData(data) if data else ClientEof()
+                    event = self._client_event(data)
                     # What the machine decided on these bytes is carried out whole, even if
                     # the other task ends the phase meanwhile (forwarded bytes it counted).
                     with trio.CancelScope(shield=True) as shield:
@@ -463,8 +460,13 @@ class Session:
                 return await self._perform(more)
         return None
 
-    def _arm(self, deadline: float | None, *, exact: bool) -> None:
-        """Before a read: make the scope fire no later than ``deadline``. Moving a deadline
+    def _track(self) -> None:
+        """The scope fires exactly at the machine's deadline (never, without one)."""
+        deadline = self.machine.deadline
+        self._scope.deadline = math.inf if deadline is None else deadline
+
+    def _arm(self, *, exact: bool) -> None:
+        """Before a read: make the scope fire no later than the machine's deadline. Moving it
         costs (trio re-registers it), and the machine's deadlines mostly move later, so an
         earlier one is left in place: if it fires before the machine's is due, the read
         simply starts again (_interruption) -- on a plain socket, where a cut read loses
@@ -472,9 +474,11 @@ class Session:
         self._doing = _Doing.WAIT
         if exact or self._rearm:
             self._rearm = False  # (the one-task early phase's short deadline goes)
-            self._scope.deadline = math.inf if deadline is None else deadline
-        elif deadline is not None and deadline < self._scope.deadline:
-            self._scope.deadline = deadline
+            self._track()
+        else:
+            deadline = self.machine.deadline
+            if deadline is not None and deadline < self._scope.deadline:
+                self._scope.deadline = deadline
 
     def _bound(self, timeout: float, doing: _Doing) -> None:
         if not self._early:  # in the early phase the machine's deadline bounds everything
@@ -519,8 +523,7 @@ class Session:
 
     async def _connect(self, action: ConnectUpstream) -> Event:
         if not self._early:
-            deadline = self.machine.deadline
-            self._scope.deadline = math.inf if deadline is None else deadline
+            self._track()
             self._doing = _Doing.WAIT
         t0 = time.monotonic()
         try:
@@ -538,8 +541,7 @@ class Session:
         return UpstreamConnected()
 
     async def _start_tls(self, action: StartTls) -> Event:
-        deadline = self.machine.deadline
-        self._scope.deadline = math.inf if deadline is None else deadline
+        self._track()
         if action.side is Side.CLIENT:
             assert self.tls_context is not None
             stream = OpenSSLStream(self.client_stream, self.tls_context, server_side=True)

@@ -280,8 +280,7 @@ class SessionMachine:
         self._forward_unsent = bytearray()  # ... before the MTA connection was up
         self._last_forwarded = ""
         self._skip = 0  # forwarded bytes the relay must not send again
-        self._connected = False
-        self._up_open = False
+        self._up_open = False  # connected to the MTA and not closed since
         self.client_eof = False
         self.client_tls = False
         self._after_starttls = False
@@ -473,7 +472,7 @@ class SessionMachine:
 
     def _upstream_failed(self, outcome: Outcome, detail: str) -> None:
         self.log.detail = f"{outcome}: {detail}"
-        if self._up_open or self._connected:
+        if self._up_open:
             self._act(CloseUpstream())
             self._up_open = False
         self._close_client(upstream_unavailable(detail), outcome)
@@ -492,7 +491,7 @@ class SessionMachine:
         if self.phase is Phase.EARLY:
             if not self._early:
                 # Gone before the banner: nothing to do.
-                if self._connected:
+                if self._up_open:
                     self._act(CloseUpstream())
                 self._finish(Outcome.CLIENT_GONE)
             return
@@ -569,7 +568,7 @@ class SessionMachine:
         if self.verdict_pending and not send_cut:
             self._stop_after_verdict = True  # the verdict first (defer_shutdown)
             return
-        if self._up_open or self._connected:
+        if self._up_open:
             self._act(CloseUpstream())
         if send_cut:  # the next byte would corrupt a reply (or a handshake)
             self._finish(Outcome.SHUTDOWN)
@@ -625,7 +624,7 @@ class SessionMachine:
                 self._forwarded += len(lines)
                 self._last_forwarded = verb
                 self._skip += len(lines)
-                if self._connected:
+                if self._up_open:
                     self._act(SendUpstream(lines))
                 else:
                     self._forward_unsent += lines
@@ -634,13 +633,13 @@ class SessionMachine:
     def _refuse(self, action: str) -> None:
         self.log.detail = f"early input refused ({action})"
         self.counters.early_refused(action)
-        if self._connected:
+        if self._up_open:
             self._act(CloseUpstream())
-            self._connected = False
+            self._up_open = False
         self._close_client(REFUSE_REPLIES[action], Outcome.SYNC_ERROR)
 
     def _on_connected(self) -> None:
-        self._connected = self._up_open = True
+        self._up_open = True
         self.mta.expect(Step.BANNER, banner=True)
         if self._forward_unsent:
             self._act(SendUpstream(bytes(self._forward_unsent)))
