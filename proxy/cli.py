@@ -1,4 +1,4 @@
-"""Command line: serve | check-config | demo | probe."""
+"""Command line: serve | check-config | demo | probe | cache."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ import dataclasses
 import json
 import logging
 import os
+import sqlite3
 import sys
 
 import trio
 
 from .client import EarlyPipeliningClient
-from .config import Address, Config, ConfigError, load_config
+from .config import DEFAULT_CACHE_PATH, Address, Config, ConfigError, load_config
 from .demomta import DemoMessage, DemoMTA
 from .listen import dual_stack
 from .metrics import VERSION, Metrics
@@ -88,6 +89,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             "client_identity": config.upstream.client_identity,
             "metrics": None if config.metrics.listen is None else str(config.metrics.listen),
             "workers": config.server.workers,
+            "outbound": (
+                [str(a) for a in config.outbound.listen] if config.outbound.enabled else None
+            ),
         }
         print(json.dumps(summary, indent=2))
         return 0
@@ -95,7 +99,41 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         ", ".join(f"{a} (IPv6 and IPv4)" if dual_stack(a, listed) else str(a) for a in listen.plain)
         or "none"
     )
-    print(f"{args.config}: OK (plain: {listeners}; upstream {config.upstream.address})")
+    outbound = (
+        f"; outbound: {', '.join(str(a) for a in config.outbound.listen)}"
+        if config.outbound.enabled
+        else ""
+    )
+    print(f"{args.config}: OK (plain: {listeners}; upstream {config.upstream.address}{outbound})")
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    """Outbound mode's EHLO cache: list the entries, or flush all or one destination's."""
+    from .ehlocache import EhloCache, describe
+
+    try:
+        path = load_config(args.config).outbound.cache if args.config else args.file
+    except ConfigError as exc:
+        for line in _error_lines(exc, args.config):
+            print(f"pipeconnect-proxy: {line}", file=sys.stderr)
+        return 2
+    try:
+        cache = EhloCache(path)
+        if args.action == "flush":
+            print(f"{cache.flush(args.dest)} entries flushed from {path}")
+            return 0
+        entries = [e for e in cache.entries() if args.dest is None or e.dest == args.dest]
+    except (OSError, sqlite3.Error) as exc:
+        print(f"pipeconnect-proxy cache: {path}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps([describe(e) for e in entries], indent=2))
+    else:
+        for e in entries:
+            d = describe(e)
+            print(" ".join(f"{k}={v}" for k, v in d.items() if k not in ("banner", "ehlo")))
+        print(f"{len(entries)} entries in {path}")
     return 0
 
 
@@ -192,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per step (default 30)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_probe)
+    p = sub.add_parser("cache", help="outbound mode's EHLO cache: list or flush it")
+    p.add_argument("action", choices=["list", "flush"])
+    p.add_argument("dest", nargs="?", metavar="DEST", help="one destination IP only")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--config", help="take outbound.cache from this configuration file")
+    where.add_argument("--file", default=DEFAULT_CACHE_PATH, help="the cache file itself")
+    p.add_argument("--json", action="store_true", help="print the entries as JSON")
+    p.set_defaults(func=cmd_cache)
     return parser
 
 

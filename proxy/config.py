@@ -29,9 +29,11 @@ from .smtp import EARLY_PIPELINING_KEYWORDS
 __all__ = [
     "BARE_NEWLINE_POLICIES",
     "CLIENT_IDENTITIES",
+    "DEFAULT_CACHE_PATH",
     "EARLY_INPUT_POLICIES",
     "LOG_FORMATS",
     "MOZILLA_INTERMEDIATE_CIPHERS",
+    "OUTBOUND_TLS_MODES",
     "TLS_MIN_VERSIONS",
     "UPSTREAM_TLS_MODES",
     "Address",
@@ -46,6 +48,8 @@ __all__ = [
     "LogConfig",
     "LogFormat",
     "MetricsConfig",
+    "OutboundConfig",
+    "OutboundTLS",
     "PipeConnectConfig",
     "ServerConfig",
     "TLSConfig",
@@ -63,6 +67,7 @@ EarlyInputPolicy = Literal["defer", "reject", "forward", "accept"]
 BareNewline = Literal["reject", "normalize"]
 LogFormat = Literal["text", "json"]
 UpstreamTLS = Literal["none", "starttls"]
+OutboundTLS = Literal["passthrough"]
 TLSVersion = Literal["TLSv1.2", "TLSv1.3"]
 
 CLIENT_IDENTITIES: tuple[ClientIdentity, ...] = ("proxy-v1", "proxy-v2", "xclient", "none")
@@ -70,6 +75,7 @@ EARLY_INPUT_POLICIES: tuple[EarlyInputPolicy, ...] = ("defer", "reject", "forwar
 BARE_NEWLINE_POLICIES: tuple[BareNewline, ...] = ("reject", "normalize")
 LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
 UPSTREAM_TLS_MODES: tuple[UpstreamTLS, ...] = ("none", "starttls")
+OUTBOUND_TLS_MODES: tuple[OutboundTLS, ...] = ("passthrough",)
 TLS_MIN_VERSIONS: tuple[TLSVersion, ...] = ("TLSv1.2", "TLSv1.3")  # tls.TLS_VERSIONS' names
 
 # Mozilla "intermediate" (server side TLS guidelines v5.7) TLS 1.2 cipher list: the default of
@@ -183,6 +189,28 @@ class ServerConfig:
     workers: int = 1
 
 
+_OUTBOUND_LISTEN_DEFAULT = (Address("127.0.0.1", 10025),)
+DEFAULT_CACHE_PATH = "/var/lib/pipeconnect-proxy/outbound.sqlite"
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundConfig:
+    """Outbound mode: the MTA's own port-25 connections, redirected to ``listen`` by a NAT
+    rule, get early pipelining towards the MXes that offer it (proxy/outbound.py)."""
+
+    enabled: bool = False
+    listen: tuple[Address, ...] = _OUTBOUND_LISTEN_DEFAULT
+    hosts: HostList = _ALL_HOSTS  # destinations to talk early to; the rest is relayed
+    cache: str = DEFAULT_CACHE_PATH
+    cache_ttl: float = 7 * 24 * 3600.0  # Exim's retry_data_expire
+    # The MTA's STARTTLS goes to the MX end to end; the only mode (the proxy never
+    # terminates the MTA's TLS with a certificate of its own).
+    tls: OutboundTLS = "passthrough"
+    tcp_fastopen: bool = False  # the held commands ride in the SYN to the MX
+    socket_mark: int = 0  # SO_MARK on the proxy's own connections (a "mark ... return" rule)
+    bind_source: bool = True  # connect from the MTA's own source address
+
+
 @dataclass(frozen=True, slots=True)
 class LogConfig:
     format: LogFormat = "text"
@@ -199,6 +227,7 @@ class Config:
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
     server: ServerConfig = ServerConfig()
+    outbound: OutboundConfig = OutboundConfig()
 
     @classmethod
     def default(cls) -> Config:
@@ -304,7 +333,10 @@ def _section(spec: _Section, raw: Mapping[str, Any], name: str, problems: _Probl
     return cls(**kwargs)
 
 
-_NEED_LISTENER = "at least one listener is required (plain or tls_on_connect)"
+_NEED_LISTENER = (
+    "at least one listener is required (plain, tls_on_connect, or outbound.listen with"
+    " outbound.enabled)"
+)
 
 
 def _check(config: Config, usable: Callable[..., bool]) -> Iterator[ConfigError]:
@@ -314,6 +346,7 @@ def _check(config: Config, usable: Callable[..., bool]) -> Iterator[ConfigError]
         usable("listen.plain", "listen.tls_on_connect")
         and not listen.plain
         and not listen.tls_on_connect
+        and not (config.outbound.enabled and config.outbound.listen)
     ):
         yield ConfigError("listen", _NEED_LISTENER)
     # Port 0 (any free port) never conflicts; otherwise one address, one role.
@@ -323,6 +356,8 @@ def _check(config: Config, usable: Callable[..., bool]) -> Iterator[ConfigError]
         bound += [(f"listen.plain[{i}]", a) for i, a in enumerate(listen.plain)]
     if usable("listen.tls_on_connect"):
         bound += [(f"listen.tls_on_connect[{i}]", a) for i, a in enumerate(listen.tls_on_connect)]
+    if config.outbound.enabled and usable("outbound.listen"):
+        bound += [(f"outbound.listen[{i}]", a) for i, a in enumerate(config.outbound.listen)]
     if config.metrics.listen is not None and usable("metrics.listen"):
         bound.append(("metrics.listen", config.metrics.listen))
     for key, address in bound:
@@ -332,6 +367,8 @@ def _check(config: Config, usable: Callable[..., bool]) -> Iterator[ConfigError]
             yield ConfigError(key, f"'{address}' is already used by {seen[address]}")
         else:
             seen[address] = key
+    if config.outbound.enabled and not config.outbound.listen and usable("outbound.listen"):
+        yield ConfigError("outbound.listen", "must not be empty when outbound.enabled is true")
     tls = config.tls
     if usable("tls.certificate", "tls.key"):
         if tls.certificate and not tls.key:
@@ -615,6 +652,21 @@ _SECTIONS: dict[str, _Section] = {
     "server": (
         ServerConfig,
         {"shutdown_grace": _seconds, "workers": _integer(1)},
+        (),
+    ),
+    "outbound": (
+        OutboundConfig,
+        {
+            "enabled": _boolean,
+            "listen": _listeners,
+            "hosts": _hosts,
+            "cache": _string,
+            "cache_ttl": _seconds,
+            "tls": _choice(OUTBOUND_TLS_MODES),
+            "tcp_fastopen": _boolean,
+            "socket_mark": _integer(0),
+            "bind_source": _boolean,
+        },
         (),
     ),
 }

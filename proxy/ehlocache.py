@@ -18,7 +18,9 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
+from .config import Address
 from .smtp import EARLY_PIPELINING_KEYWORDS, ProtocolError, Reply, ReplyReader, ehlo_keywords
 
 DEFAULT_TTL = 7 * 24 * 3600.0
@@ -69,6 +71,24 @@ def cacheable(banner: Reply, ehlo: Reply) -> bool:
         return False
     keywords = ehlo_keywords(ehlo)
     return "PIPELINING" in keywords and any(k in keywords for k in EARLY_PIPELINING_KEYWORDS)
+
+
+def describe(entry: Entry) -> dict[str, object]:
+    """An entry as ``cache list`` shows it (times in UTC, ISO 8601)."""
+
+    def when(t: float) -> str:
+        return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
+
+    return {
+        "dest": str(Address(entry.dest, entry.port)),
+        "source": entry.source,
+        "learned": when(entry.learned),
+        "verified": when(entry.verified),
+        "strikes": entry.strikes,
+        "blocked_until": when(entry.blocked_until) if entry.blocked_until else None,
+        "banner": entry.banner.to_bytes().decode("utf-8", "replace") if entry.usable else None,
+        "ehlo": entry.ehlo.to_bytes().decode("utf-8", "replace") if entry.usable else None,
+    }
 
 
 def _parse(data: bytes) -> Reply:
