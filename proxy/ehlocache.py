@@ -14,6 +14,7 @@ caller's clock), so the cache is tested without sleeping.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
@@ -38,6 +39,7 @@ CREATE TABLE IF NOT EXISTS ehlo (
     verified REAL NOT NULL,
     strikes INTEGER NOT NULL DEFAULT 0,
     blocked_until REAL NOT NULL DEFAULT 0,
+    client_ehlo BLOB NOT NULL DEFAULT x'',
     PRIMARY KEY (source, dest, port)
 )
 """
@@ -54,6 +56,7 @@ class Entry:
     verified: float
     strikes: int
     blocked_until: float
+    client_ehlo: bytes = b""  # the MTA's own EHLO line from this source (sent at connect)
 
     @property
     def usable(self) -> bool:
@@ -91,6 +94,14 @@ def describe(entry: Entry) -> dict[str, object]:
     }
 
 
+_EHLO_LINE = re.compile(rb"EHLO [\x21-\x7e]{1,255}\r\n", re.IGNORECASE)
+
+
+def _is_ehlo_line(line: object) -> bool:
+    """Only a plain ``EHLO name`` line is ever sent on the MTA's behalf."""
+    return isinstance(line, bytes) and _EHLO_LINE.fullmatch(line) is not None
+
+
 def _parse(data: bytes) -> Reply:
     reader = ReplyReader(max_line=65536, max_lines=1000)
     reader.feed(data)
@@ -116,19 +127,31 @@ class EhloCache:
         # A connection per call: workers are separate processes, and an idle open
         # connection would hold nothing worth keeping. The transaction commits on success.
         with closing(sqlite3.connect(self.path, timeout=2.0)) as db, db:
+            # WAL without an fsync per commit: a lost entry after a crash is a cache miss.
+            db.execute("PRAGMA synchronous=NORMAL")
             yield db
 
     def _row(self, db: sqlite3.Connection, key: tuple[str, str, int]) -> Entry | None:
         row = db.execute(
-            "SELECT source, dest, port, banner, ehlo, learned, verified, strikes, blocked_until"
+            "SELECT source, dest, port, banner, ehlo, learned, verified, strikes, blocked_until,"
+            " client_ehlo"
             " FROM ehlo WHERE source = ? AND dest = ? AND port = ?",
             key,
         ).fetchone()
         if row is None:
             return None
-        source, dest, port, banner, ehlo, learned, verified, strikes, blocked = row
+        source, dest, port, banner, ehlo, learned, verified, strikes, blocked, client = row
         return Entry(
-            source, dest, port, _parse(banner), _parse(ehlo), learned, verified, strikes, blocked
+            source,
+            dest,
+            port,
+            _parse(banner),
+            _parse(ehlo),
+            learned,
+            verified,
+            strikes,
+            blocked,
+            bytes(client) if _is_ehlo_line(client) else b"",
         )
 
     # -- what the outbound session asks
@@ -145,7 +168,14 @@ class EhloCache:
         return entry
 
     def learn(
-        self, source: str, dest: str, port: int, banner: Reply, ehlo: Reply, now: float
+        self,
+        source: str,
+        dest: str,
+        port: int,
+        banner: Reply,
+        ehlo: Reply,
+        now: float,
+        client_ehlo: bytes = b"",
     ) -> bool:
         """Store what the MX said, if it may be served later; False if not stored (not
         cacheable, or the destination is blocked after repeated mismatches)."""
@@ -156,7 +186,7 @@ class EhloCache:
             if old is not None and old.blocked_until > now:
                 return False
             db.execute(
-                "INSERT OR REPLACE INTO ehlo VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0)",
+                "INSERT OR REPLACE INTO ehlo VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?)",
                 (
                     source,
                     dest,
@@ -166,6 +196,7 @@ class EhloCache:
                     now,
                     now,
                     0 if old is None else old.strikes,
+                    client_ehlo if _is_ehlo_line(client_ehlo) else b"",
                 ),
             )
         return True
@@ -179,15 +210,16 @@ class EhloCache:
                 (now, source, dest, port),
             )
 
-    def strike(self, source: str, dest: str, port: int, now: float) -> bool:
+    def strike(self, source: str, dest: str, port: int, now: float, *, block: bool = False) -> bool:
         """The MX did not say what the cache held: drop the replies and count it. True if
-        the destination is now blocked (MAX_STRIKES in a row) for BLOCK_SECONDS."""
+        the destination is now blocked (MAX_STRIKES in a row, or ``block``: a loop) for
+        BLOCK_SECONDS."""
         with self._db() as db:
             old = self._row(db, (source, dest, port))
             strikes = 1 if old is None else old.strikes + 1
-            blocked = now + BLOCK_SECONDS if strikes >= MAX_STRIKES else 0.0
+            blocked = now + BLOCK_SECONDS if block or strikes >= MAX_STRIKES else 0.0
             db.execute(
-                "INSERT OR REPLACE INTO ehlo VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO ehlo VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, x'')",
                 (source, dest, port, b"", b"", now, now, strikes, blocked),
             )
         return blocked > 0

@@ -26,9 +26,16 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from .outcomes import ENDED, Outcome
+from .outcomes import (
+    ENDED,
+    OUTBOUND_INVALIDATIONS,
+    OUTBOUND_OUTCOMES,
+    OUTBOUND_PATHS,
+    Outcome,
+)
 
 if TYPE_CHECKING:
+    from .machine.outbound import OutboundLog
     from .sessionlog import SessionLog
 
 # `*_created` series double the number of series for little use, and exporters written in
@@ -266,6 +273,81 @@ class Metrics:
             registry=r,
         )
 
+        # --- outbound mode (the MTA's own deliveries) ---------------------------------------
+        self.outbound_sessions = Counter(
+            "outbound_sessions",
+            "Outbound sessions ended, by path (relay: cache miss; early: early pipelining "
+            "used; retried: the MX refused the early talk and the session went on without; "
+            "in-step: a cache hit the MTA did not open with EHLO) and outcome",
+            ["path", "outcome"],
+            namespace=ns,
+            registry=r,
+        )
+        self.outbound_active = Gauge(
+            "outbound_active_sessions", "Outbound sessions in progress", namespace=ns, registry=r
+        )
+        self.outbound_cache = Counter(
+            "outbound_cache_lookups",
+            "EHLO cache lookups of outbound sessions, by result (hit, miss, bypass: the "
+            "destination is not in outbound.hosts)",
+            ["result"],
+            namespace=ns,
+            registry=r,
+        )
+        self.outbound_learned = Counter(
+            "outbound_cache_learned",
+            "EHLO cache entries stored or rewritten from what an MX said",
+            namespace=ns,
+            registry=r,
+        )
+        self.outbound_invalidations = Counter(
+            "outbound_cache_invalidations",
+            "EHLO cache entries dropped or rewritten because the MX did not say what they "
+            "held, by reason (sync-error, closed, banner, ehlo, loop, features)",
+            ["reason"],
+            namespace=ns,
+            registry=r,
+        )
+        self.outbound_cache_errors = Counter(
+            "outbound_cache_errors",
+            "EHLO cache file operations that failed (the session relayed without the cache)",
+            namespace=ns,
+            registry=r,
+        )
+        self.outbound_recoveries = Counter(
+            "outbound_recoveries",
+            "Outbound sessions that retried without early pipelining after the MX refused it",
+            namespace=ns,
+            registry=r,
+        )
+        self.outbound_deferred = Counter(
+            "outbound_deferred",
+            "Outbound sessions in which the proxy answered a 4xx in the MX's place",
+            namespace=ns,
+            registry=r,
+        )
+        self.outbound_round_trips_saved = Counter(
+            "outbound_round_trips_saved",
+            "Round trips to the MX that early pipelining saved the MTA",
+            namespace=ns,
+            registry=r,
+        )
+        self.outbound_time_saved = Counter(
+            "outbound_time_saved_seconds",
+            "Seconds early pipelining saved the MTA (the MX path's RTT from TCP_INFO per "
+            "round trip saved)",
+            namespace=ns,
+            registry=r,
+        )
+        self.outbound_refused = Counter(
+            "outbound_refused",
+            "Connections to an outbound listener refused, by reason (not-intercepted: no "
+            "original destination; loop: the proxy's own connection came back)",
+            ["reason"],
+            namespace=ns,
+            registry=r,
+        )
+
         # Known label values start at 0, so that rate() and increase() see the first event.
         for action in ("defer", "reject"):
             self.early_refused.labels(action)
@@ -298,6 +380,34 @@ class Metrics:
             self.replayed.inc(log.replayed)
             self.round_trips_saved.inc(log.round_trips_saved)
             self.time_saved.inc(log.time_saved)
+
+    def expose_outbound(self) -> None:
+        """Outbound series at 0 from the start (see ``expose_listener``)."""
+        for path in OUTBOUND_PATHS:
+            for outcome in OUTBOUND_OUTCOMES:
+                self.outbound_sessions.labels(path, outcome)
+        for result in ("hit", "miss", "bypass"):
+            self.outbound_cache.labels(result)
+        for reason in OUTBOUND_INVALIDATIONS:
+            self.outbound_invalidations.labels(reason)
+        for reason in ("not-intercepted", "loop"):
+            self.outbound_refused.labels(reason)
+
+    def record_outbound(self, log: OutboundLog, time_saved: float) -> None:
+        """Everything a finished outbound session adds (called once per session)."""
+        self.outbound_sessions.labels(log.path, log.outcome).inc()
+        self.outbound_cache.labels(log.cache).inc()
+        if log.learned or log.invalidated == "features":
+            self.outbound_learned.inc()
+        if log.invalidated:
+            self.outbound_invalidations.labels(log.invalidated).inc()
+        if log.path == "retried":
+            self.outbound_recoveries.inc()
+        if log.failure:
+            self.outbound_deferred.inc()
+        if log.early_used:
+            self.outbound_round_trips_saved.inc(log.round_trips_saved)
+            self.outbound_time_saved.inc(time_saved)
 
     def record_reload(self, ok: bool) -> None:
         """One configuration reload attempt (for the reload code in ``server``)."""

@@ -37,3 +37,23 @@ class Outcome(StrEnum):
 
 
 ENDED = tuple(o for o in Outcome if o is not Outcome.OPEN)
+
+# Outbound mode (proxy/machine/outbound.py): the labels of pipeconnect_outbound_sessions_total
+# and pipeconnect_outbound_cache_invalidations_total, and the log line's P=, outcome= and
+# invalidated= fields.
+OUTBOUND_PATHS = ("relay", "early", "retried", "in-step")
+OUTBOUND_OUTCOMES = (
+    "quit",  # the MTA said QUIT and the session ended
+    "closed",
+    "mta-closed",
+    "mta-gone",
+    "connect-failed",
+    "deferred",  # the proxy answered a 4xx in the MX's place
+    "mx-closed",
+    "mx-timeout",
+    "mx-protocol",
+    "mx-421",
+    "timeout",
+    "shutdown",
+)
+OUTBOUND_INVALIDATIONS = ("sync-error", "closed", "banner", "ehlo", "loop", "features")

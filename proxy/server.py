@@ -20,6 +20,7 @@ from .config import Address, Config, ConfigError, load_config
 from .httpd import Health, serve_http
 from .listen import AcceptErrors, open_listeners, serve_listeners
 from .metrics import Metrics
+from .outbound import Cache, OutboundSession, handle_outbound
 from .outcomes import Outcome
 from .session import Session
 from .smtp import Reply
@@ -126,6 +127,7 @@ class Bound(list[Endpoint]):
         self.health = health
         self.metrics: Endpoint | None = None
         self.tls_on_connect: list[Endpoint] = []  # not in the list: plain listeners only
+        self.outbound: list[Endpoint] = []  # outbound mode's listeners
 
 
 class Snapshot:
@@ -209,6 +211,20 @@ async def serve(
 
     plain = await listeners_for(config.listen.plain)
     implicit = await listeners_for(config.listen.tls_on_connect)
+    outbound_listeners: list[trio.SocketListener] = []
+    if config.outbound.enabled:
+        for address in config.outbound.listen:
+            if address in INHERITED:
+                socks = INHERITED.pop(address)
+                outbound_listeners += [
+                    trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in socks
+                ]
+            else:
+                outbound_listeners += await open_listeners(address, config.outbound.listen)
+    out_cfg = config.outbound
+    outbound_cache = Cache(out_cfg.cache, out_cfg.cache_ttl, metrics)
+    outbound_sessions: set[OutboundSession] = set()
+    own_ends: set[Endpoint] = set()
     bound = [_endpoint(lst.socket.getsockname()) for lst in plain]
     if config.upstream.client_identity == "none":
         log.warning(
@@ -260,8 +276,25 @@ async def serve(
                 metrics.session_errors.inc()
             finally:
                 sessions.discard(session)
-                if not sessions and rt.stopping.is_set():
+                if not sessions and not outbound_sessions and rt.stopping.is_set():
                     drained.set()
+
+    async def handle_out(stream: trio.SocketStream) -> None:
+        try:
+            await handle_outbound(
+                stream,
+                config=rt.current.config,
+                cache=outbound_cache,
+                metrics=metrics,
+                own=own_ends,
+                sessions=outbound_sessions,
+            )
+        except Exception:
+            log.exception("outbound session failed")
+            metrics.session_errors.inc()
+        finally:
+            if not sessions and not outbound_sessions and rt.stopping.is_set():
+                drained.set()
 
     async def accept(
         name: str,
@@ -279,9 +312,27 @@ async def serve(
                 handler, listeners, errors, handler_nursery=handler_nursery, task_status=task_status
             )
 
+    async def accept_outbound(
+        listeners: list[trio.SocketListener],
+        scope: trio.CancelScope,
+        handler_nursery: trio.Nursery,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        errors = AcceptErrors(metrics.accept_errors, "outbound")
+        with scope:
+            await serve_listeners(
+                handle_out,
+                listeners,
+                errors,
+                handler_nursery=handler_nursery,
+                task_status=task_status,
+            )
+
     health = Health(metrics, config.upstream.address)
     result = Bound(bound, health)
     result.tls_on_connect = [_endpoint(lst.socket.getsockname()) for lst in implicit]
+    result.outbound = [_endpoint(lst.socket.getsockname()) for lst in outbound_listeners]
     accepting: list[trio.CancelScope] = []
     async with trio.open_nursery() as nursery:
         for name, listeners in (("plain", plain), ("tls_on_connect", implicit)):
@@ -289,10 +340,16 @@ async def serve(
                 metrics.expose_listener(name)
                 accepting.append(trio.CancelScope())
                 await nursery.start(accept, name, listeners, accepting[-1], nursery)
+        if outbound_listeners:
+            metrics.expose_outbound()
+            accepting.append(trio.CancelScope())
+            await nursery.start(accept_outbound, outbound_listeners, accepting[-1], nursery)
         if config.metrics.listen is not None:
             result.metrics = await nursery.start(serve_http, config.metrics.listen, metrics, health)
         health.listening = True
         where = ", ".join(f"{h}:{p}" for h, p in bound + result.tls_on_connect)
+        if result.outbound:
+            where += " (outbound: " + ", ".join(f"{h}:{p}" for h, p in result.outbound) + ")"
         log.info(
             "listening on %s, upstream %s (%s)",
             where,
@@ -306,18 +363,22 @@ async def serve(
         await rt.stopping.wait()
         for scope in accepting:
             scope.cancel()
-        for lst in plain + implicit:
+        for lst in plain + implicit + outbound_listeners:
             await lst.aclose()
         health.listening = False  # /healthz says 503: take this instance out of rotation
         grace = rt.current.config.server.shutdown_grace
         log.info("stopped accepting; %d sessions open, waiting up to %gs", len(sessions), grace)
-        if sessions:
+        if sessions or outbound_sessions:
             with trio.move_on_after(grace):
                 await drained.wait()
-        if sessions:
-            log.warning("grace over: ending %d sessions with 421", len(sessions))
+        if sessions or outbound_sessions:
+            log.warning(
+                "grace over: ending %d sessions with 421", len(sessions) + len(outbound_sessions)
+            )
             for session in list(sessions):
                 session.shutdown()
+            for out in list(outbound_sessions):
+                out.shutdown()
             # A session whose message is with the MTA relays the verdict first (else the
             # client retries and the message arrives twice): up to data_term for it, the
             # command timeout to send it, then the usual drain.

@@ -22,6 +22,7 @@ from proxy.config import (
     ListenConfig,
     LogConfig,
     MetricsConfig,
+    OutboundConfig,
     PipeConnectConfig,
     ServerConfig,
     TimeoutsConfig,
@@ -171,6 +172,17 @@ format = "json"
 [server]
 shutdown_grace = 45
 workers = 2
+
+[outbound]
+enabled = true
+listen = ["127.0.0.1:10025", "[::1]:10025"]
+hosts = ["!192.0.2.9", "*"]
+cache = "/var/tmp/out.sqlite"
+cache_ttl = 172800
+tls = "passthrough"
+tcp_fastopen = true
+socket_mark = 4242
+bind_source = false
 """
 
 
@@ -216,6 +228,36 @@ def test_every_key(tmp_path: Path) -> None:
     assert config.metrics == MetricsConfig(Address("::", 9100))
     assert config.log == LogConfig("json")
     assert config.server == ServerConfig(shutdown_grace=45.0, workers=2)
+    assert config.outbound == OutboundConfig(
+        enabled=True,
+        listen=(Address("127.0.0.1", 10025), Address("::1", 10025)),
+        hosts=HostList.parse(["!192.0.2.9", "*"], "x"),
+        cache="/var/tmp/out.sqlite",
+        cache_ttl=172800.0,
+        tls="passthrough",
+        tcp_fastopen=True,
+        socket_mark=4242,
+        bind_source=False,
+    )
+
+
+def test_outbound_only_and_its_checks(tmp_path: Path) -> None:
+    base = '[upstream]\naddress = "127.0.0.1:25"\n'
+    only = load_config(write(tmp_path, base + '[outbound]\nenabled = true\n'))
+    assert only.outbound.listen == (Address("127.0.0.1", 10025),)
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, base + "[outbound]\nenabled = false\n"))
+    assert "at least one listener" in str(exc.value)
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, base + "[outbound]\nenabled = true\nlisten = []\n"))
+    assert "outbound.listen" in str(exc.value)
+    clash = base + '[listen]\nplain = ["127.0.0.1:10025"]\n[outbound]\nenabled = true\n'
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, clash))
+    assert "outbound.listen[0]" in str(exc.value)
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, base + '[outbound]\nenabled = true\ntls = "terminate"\n'))
+    assert "outbound.tls" in str(exc.value)
 
 
 def test_every_dataclass_field_is_a_config_key(tmp_path: Path) -> None:
@@ -403,14 +445,14 @@ def test_metrics_listen_bad() -> None:
 def test_listen_section_required() -> None:
     data = base()
     del data["listen"]
-    assert error(data) == "listen: at least one listener is required (plain or tls_on_connect)"
+    assert error(data) == "listen: at least one listener is required (plain, tls_on_connect, or outbound.listen with outbound.enabled)"
 
 
 @pytest.mark.parametrize("listen", [{}, {"plain": []}, {"plain": [], "tls_on_connect": []}])
 def test_at_least_one_listener(listen: dict[str, Any]) -> None:
     data = base()
     data["listen"] = listen
-    assert error(data) == "listen: at least one listener is required (plain or tls_on_connect)"
+    assert error(data) == "listen: at least one listener is required (plain, tls_on_connect, or outbound.listen with outbound.enabled)"
 
 
 def test_tls_on_connect_alone_is_enough() -> None:
@@ -485,7 +527,7 @@ def test_unknown_top_level_key_without_suggestion() -> None:
     message = error({**base(), "zzz": 1})
     assert message == (
         "zzz: unknown key (known: listen, upstream, pipe_connect, limits, timeouts, tls, "
-        "metrics, log, server)"
+        "metrics, log, server, outbound)"
     )
 
 
@@ -851,7 +893,7 @@ def test_empty_file(tmp_path: Path) -> None:
         load_config(write(tmp_path, ""))
     assert [str(e) for e in info.value.errors] == [
         "upstream.address: is required",
-        "listen: at least one listener is required (plain or tls_on_connect)",
+        "listen: at least one listener is required (plain, tls_on_connect, or outbound.listen with outbound.enabled)",
     ]
 
 
