@@ -197,7 +197,9 @@ async def serve(
 
     listed = config.listen.plain + config.listen.tls_on_connect
 
-    async def listeners_for(addresses: tuple[Address, ...]) -> list[trio.SocketListener]:
+    async def listeners_for(
+        addresses: tuple[Address, ...], *, fast_open: bool = config.listen.tcp_fastopen
+    ) -> list[trio.SocketListener]:
         out: list[trio.SocketListener] = []
         for address in addresses:
             if address in INHERITED:
@@ -205,24 +207,16 @@ async def serve(
                 out += [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in socks]
                 continue
             out += await open_listeners(address, listed)
-        if config.listen.tcp_fastopen:
+        if fast_open:
             enable_fast_open(out, config.listen.tcp_fastopen_queue)
         return out
 
     plain = await listeners_for(config.listen.plain)
     implicit = await listeners_for(config.listen.tls_on_connect)
     outbound_listeners: list[trio.SocketListener] = []
-    if config.outbound.enabled:
-        for address in config.outbound.listen:
-            if address in INHERITED:
-                socks = INHERITED.pop(address)
-                outbound_listeners += [
-                    trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in socks
-                ]
-            else:
-                outbound_listeners += await open_listeners(address, config.outbound.listen)
-    out_cfg = config.outbound
-    outbound_cache = Cache(out_cfg.cache, out_cfg.cache_ttl, metrics)
+    if config.outbound.enabled:  # the MTA on the same host sends no SYN data
+        outbound_listeners = await listeners_for(config.outbound.listen, fast_open=False)
+    caches: dict[tuple[str, float], Cache] = {}  # a reload may name another file or TTL
     outbound_sessions: set[OutboundSession] = set()
     own_ends: set[Endpoint] = set()
     bound = [_endpoint(lst.socket.getsockname()) for lst in plain]
@@ -281,10 +275,14 @@ async def serve(
 
     async def handle_out(stream: trio.SocketStream) -> None:
         try:
+            now = rt.current.config
+            key = (now.outbound.cache, now.outbound.cache_ttl)
+            if key not in caches:
+                caches[key] = Cache(*key, metrics)
             await handle_outbound(
                 stream,
-                config=rt.current.config,
-                cache=outbound_cache,
+                config=now,
+                cache=caches[key],
                 metrics=metrics,
                 own=own_ends,
                 sessions=outbound_sessions,

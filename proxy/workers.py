@@ -234,7 +234,8 @@ def run(config: Config, path: str) -> int:
     """Fork ``config.server.workers`` workers and supervise them until they have all ended.
     Returns the exit status: 0 after a requested stop, 1 if a worker died on its own."""
     count = config.server.workers
-    addresses = list(dict.fromkeys(config.listen.plain + config.listen.tls_on_connect))
+    outbound = config.outbound.listen if config.outbound.enabled else ()
+    addresses = list(dict.fromkeys(config.listen.plain + config.listen.tls_on_connect + outbound))
     try:
         bound = {
             address: bind(address, addresses, copies=count, backlog=BACKLOG)
