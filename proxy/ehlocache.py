@@ -91,6 +91,7 @@ def describe(entry: Entry) -> dict[str, object]:
         "blocked_until": when(entry.blocked_until) if entry.blocked_until else None,
         "banner": entry.banner.to_bytes().decode("utf-8", "replace") if entry.usable else None,
         "ehlo": entry.ehlo.to_bytes().decode("utf-8", "replace") if entry.usable else None,
+        "client_ehlo": entry.client_ehlo.decode("ascii", "replace").strip() or None,
     }
 
 

@@ -161,11 +161,13 @@ def _ehlo_name(line: bytes) -> bytes:
 
 
 def features(ehlo: Reply) -> dict[str, str]:
-    """What of an EHLO reply decides how the MX judges commands."""
+    """What of an EHLO reply decides how the MX judges the MTA's commands."""
+    return {k: v for k, v in ehlo_keywords(ehlo).items() if k in FEATURES}
+
+
+def early_keywords(ehlo: Reply) -> tuple[str, ...]:
     keywords = ehlo_keywords(ehlo)
-    out = {k: v for k, v in keywords.items() if k in FEATURES}
-    out["early"] = ",".join(k for k in EARLY_PIPELINING_KEYWORDS if k in keywords)
-    return out
+    return tuple(k for k in EARLY_PIPELINING_KEYWORDS if k in keywords)
 
 
 def served_ehlo(ehlo: Reply) -> Reply:
@@ -491,6 +493,8 @@ class OutboundMachine:
             ehlo.sent = self._early = True
             self.log.path = "early"
             actions.append(SendUpstream(line))
+        elif not self.fast_open:
+            self.log.path = "in-step"  # the MX spoke first: as any client would
         return actions + self._send_unsent()
 
     def _group_done(self, now: float) -> list[OutboundAction]:
@@ -629,9 +633,10 @@ class OutboundMachine:
             )
         self._checked = True
         actions: list[OutboundAction] = []
-        if features(reply) != features(self.greeting.ehlo):
-            self._changed = True
-            self.log.invalidated = "features"
+        self._changed = features(reply) != features(self.greeting.ehlo)
+        if self._changed or early_keywords(reply) != early_keywords(self.greeting.ehlo):
+            # Rewritten (or, without the keyword any more, dropped by the cache).
+            self.log.invalidated = self.log.invalidated or "features"
             banner = self._real_banner or self.greeting.banner
             actions.append(Learn(banner, reply, self._ehlo_line))
         else:
@@ -650,7 +655,7 @@ class OutboundMachine:
         if pending.verb == "STARTTLS" and pending.kind is _Kind.RELAY and not self._offers_tls:
             # Sent early, before the MX said it no longer offers TLS: the MTA gets 454.
             if reply.code == 220:  # and yet it starts TLS: the two ends cannot agree now
-                return self._give_up("features", NO_TLS)
+                return self._give_up("features", NO_TLS, answered=pending)
             self._relayed = True
             return [SendClient(NO_TLS.to_bytes()), *self._send_unsent()]
         self._relayed = True
@@ -797,6 +802,7 @@ __all__ = [
     "OutboundMachine",
     "Splice",
     "Verified",
+    "early_keywords",
     "features",
     "served_ehlo",
 ]
