@@ -171,7 +171,12 @@ class Runtime:
             metrics.record_reload(False)
             return False
         old = self.current.config
-        if new.config.listen != old.listen or new.config.metrics != old.metrics:
+        if (
+            new.config.listen != old.listen
+            or new.config.metrics != old.metrics
+            or (new.config.outbound.enabled, new.config.outbound.listen)
+            != (old.outbound.enabled, old.outbound.listen)
+        ):
             log.warning("reload: listener and metrics addresses change only on a restart")
         self.current = new
         metrics.record_reload(True)
