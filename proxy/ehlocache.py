@@ -181,6 +181,14 @@ class EhloCache:
         """Store what the MX said, if it may be served later; False if not stored (not
         cacheable, or the destination is blocked after repeated mismatches)."""
         if not cacheable(banner, ehlo):
+            # What was cached is no longer true (the keyword or PIPELINING went, the banner
+            # is masked now): it must not be served again.
+            with self._db() as db:
+                db.execute(
+                    "UPDATE ehlo SET banner = x'', ehlo = x'', client_ehlo = x''"
+                    " WHERE source = ? AND dest = ? AND port = ?",
+                    (source, dest, port),
+                )
             return False
         with self._db() as db:
             old = self._row(db, (source, dest, port))

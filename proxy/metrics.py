@@ -397,7 +397,7 @@ class Metrics:
         """Everything a finished outbound session adds (called once per session)."""
         self.outbound_sessions.labels(log.path, log.outcome).inc()
         self.outbound_cache.labels(log.cache).inc()
-        if log.learned or log.invalidated == "features":
+        if log.learned:
             self.outbound_learned.inc()
         if log.invalidated:
             self.outbound_invalidations.labels(log.invalidated).inc()

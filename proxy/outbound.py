@@ -132,19 +132,22 @@ class Cache:
         self._ok()
         return entry
 
-    def apply(self, key: tuple[str, str, int], action: OutboundAction, now: float) -> None:
+    def apply(self, key: tuple[str, str, int], action: OutboundAction, now: float) -> bool:
+        """Carry out a Learn, Forget or Verified; for a Learn, whether it was stored."""
+        stored = False
         try:
             cache = self._open()
             if isinstance(action, Learn):
-                cache.learn(*key, action.banner, action.ehlo, now, action.client_ehlo)
+                stored = cache.learn(*key, action.banner, action.ehlo, now, action.client_ehlo)
             elif isinstance(action, Forget):
                 cache.strike(*key, now, block=action.block)
             elif isinstance(action, Verified):
                 cache.verified(*key, now)
         except Exception as exc:
             self._failed(exc)
-            return
+            return False
         self._ok()
+        return stored
 
 
 @dataclass
@@ -187,9 +190,9 @@ class OutboundSession:
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         t = config.timeouts
-        now = trio.current_time()
         allowed = self.out.hosts.matches(dest[0])
-        entry = self.cache.lookup(self.key, now) if allowed else None
+        # The cache keeps wall-clock times: they must survive restarts (the TTL is days).
+        entry = self.cache.lookup(self.key, time.time()) if allowed else None
         self.machine = OutboundMachine(
             greeting=(
                 Greeting(entry.banner, entry.ehlo, entry.client_ehlo) if entry is not None else None
@@ -289,7 +292,9 @@ class OutboundSession:
             elif isinstance(action, CloseClient):
                 await self._close_all()
             elif isinstance(action, Learn | Forget | Verified):
-                self.cache.apply(self.key, action, time.time())
+                stored = self.cache.apply(self.key, action, time.time())
+                if isinstance(action, Learn):
+                    self.machine.log.learned = stored
             elif isinstance(action, Splice):
                 pass  # the machine forwards from now on
             if follow is not None and not self.machine.done:

@@ -56,4 +56,12 @@ OUTBOUND_OUTCOMES = (
     "timeout",
     "shutdown",
 )
-OUTBOUND_INVALIDATIONS = ("sync-error", "closed", "banner", "ehlo", "loop", "features")
+OUTBOUND_INVALIDATIONS = (
+    "sync-error",  # the MX refused the early talk (retried in step)
+    "closed",  # ... or closed before answering it
+    "banner",  # another 4xx/5xx banner
+    "ehlo",  # a 4xx/5xx EHLO reply
+    "loop",  # the MX greets with the MTA's own name
+    "features",  # rewritten: the EHLO reply changed
+    "smtputf8",  # the MTA used SMTPUTF8, which the MX does not offer
+)

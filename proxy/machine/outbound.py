@@ -125,7 +125,6 @@ OutboundAction = (
 
 class Mode(Enum):
     CONNECTING = "connecting"  # waiting for the MX's connection (miss, or hit without TFO)
-    LEARN = "learn"  # miss: relaying byte for byte, reading the greeting to learn it
     SERVE = "serve"  # hit: cached banner served; waiting for the MTA's first command
     GATHER = "gather"  # hit: cached EHLO reply served; taking the pipelined group
     TRACK = "track"  # commands and replies tracked, towards the MX
@@ -259,7 +258,11 @@ class OutboundMachine:
         self._held_quit = b""
         self._stop_after_verdict = False
         self._failed: Reply | None = None  # the proxy answers in the MX's place from now on
-        self._first_line = b""  # a miss: the MTA's first bytes, to learn from
+        # A miss: every byte relayed as it came (commands and replies still tracked, so
+        # timeouts, QUIT and a shutdown behave as on a hit); the first EHLO reply learned.
+        self._observe = greeting is None
+        self._mx_raw = bytearray()  # the MX's bytes, as they came, not yet relayed
+        self._raw = b""  # the reply being handled, as the MX wrote it
 
     # ------------------------------------------------------------ what the driver asks
 
@@ -324,11 +327,10 @@ class OutboundMachine:
     def _mx_connected(self, now: float) -> list[OutboundAction]:
         self._connected = True
         if self.greeting is None:
-            self.mode = Mode.LEARN
-            self._idle(now)
-            held = bytes(self._mta)
-            self._mta.clear()
-            return self._from_mta(held, now) if held else []
+            self.mode = Mode.TRACK
+            self._pending.append(_Pending(_Kind.BANNER))
+            self._reply_deadline(now)
+            return self._frame_mta(now)
         if self._retried or self.fast_open:
             if self._retried:
                 self._pending.appendleft(_Pending(_Kind.BANNER))
@@ -353,7 +355,7 @@ class OutboundMachine:
         return self._fail(CONNECT_FAILED)
 
     def _mx_gone(self, now: float) -> list[OutboundAction]:
-        if self.mode in (Mode.LEARN, Mode.SPLICE, Mode.CONNECTING):
+        if self.mode in (Mode.SPLICE, Mode.CONNECTING):
             self.log.outcome = "mx-closed"
             return self._end()
         if self._early and not self._relayed and not self._retried:
@@ -407,9 +409,7 @@ class OutboundMachine:
     # ------------------------------------------------------------ the MTA's bytes
 
     def _from_mta(self, data: bytes, now: float) -> list[OutboundAction]:
-        if self.mode in (Mode.LEARN, Mode.SPLICE):
-            if self.learn and b"\n" not in self._first_line:
-                self._first_line += data[:MAX_LINE]
+        if self.mode is Mode.SPLICE:
             self._idle(now)
             return [SendUpstream(data)]
         self._mta += data
@@ -456,11 +456,15 @@ class OutboundMachine:
             return []
         self._pending.append(pending)
         self._reply_deadline(now)
+        if verb == "BDAT":
+            # Chunks are framed by their length, not by lines: no more tracking.
+            return self._send_unsent() + self._splice_now()
         return self._send_unsent()
 
     @property
     def _offers_tls(self) -> bool:
-        return self._real_ehlo is not None and "STARTTLS" in ehlo_keywords(self._real_ehlo)
+        """On a hit, once the real EHLO reply is in: whether it offers STARTTLS."""
+        return self._real_ehlo is None or "STARTTLS" in ehlo_keywords(self._real_ehlo)
 
     def _first_command(self, line: bytes, verb: str, now: float) -> list[OutboundAction]:
         assert self.greeting is not None
@@ -528,7 +532,14 @@ class OutboundMachine:
     def _send_unsent(self) -> list[OutboundAction]:
         """Lines the MX may take now: the EHLO once its banner is in, the rest once the EHLO
         reply was checked; all of them while it offers PIPELINING, else one per reply."""
-        if not self._connected or self._failed is not None or self._real_banner is None:
+        if not self._connected or self._failed is not None:
+            return []
+        if self._observe:  # as the MTA sent them, when it sent them
+            lines = [p.line for p in self._pending if not p.sent and p.kind is _Kind.RELAY]
+            for p in self._pending:
+                p.sent = True
+            return [SendUpstream(b"".join(lines))] if lines else []
+        if self._real_banner is None:
             return []
         lockstep = self._real_ehlo is None or "PIPELINING" not in ehlo_keywords(self._real_ehlo)
         out: list[bytes] = []
@@ -577,20 +588,25 @@ class OutboundMachine:
         if self.mode is Mode.SPLICE:
             self._idle(now)
             return [SendClient(data)]
-        if self.mode is Mode.LEARN:
-            self._idle(now)
-            return [SendClient(data), *self._learn_from(data)]
         self._mx.feed(data)
+        self._mx_raw += data
         actions: list[OutboundAction] = []
         while self._pending and self.mode not in (Mode.DONE, Mode.SPLICE):
             try:
                 reply = self._mx.next_reply()
             except ProtocolError as exc:
+                if self._observe:  # not ours to judge: the rest as it comes
+                    return [*actions, SendClient(bytes(self._mx_raw)), *self._splice_now()]
                 self.log.outcome = "mx-protocol"
                 self.log.failure = exc.reply.text
                 return [*actions, SendClient(exc.reply.to_bytes()), *self._end()]
             if reply is None:
                 break
+            # Lines of a reply leave the reader's buffer as they come: what is left in it
+            # follows this reply.
+            size = len(self._mx_raw) - self._mx.buffered
+            self._raw = bytes(self._mx_raw[:size])
+            del self._mx_raw[:size]
             actions += self._mx_reply(self._pending.popleft(), reply, now)
         if self.mode is Mode.TRACK:
             if self._pending:
@@ -610,6 +626,11 @@ class OutboundMachine:
 
     def _check_banner(self, reply: Reply, now: float) -> list[OutboundAction]:
         self._real_banner = reply
+        if self._observe:
+            self._relayed = True
+            if reply.code == 421 or reply.code >= 500:
+                self.log.outcome = "mx-421" if reply.code == 421 else self.log.outcome
+            return [SendClient(self._raw)]
         if reply.code == 220:
             return self._send_unsent()
         if self._early and reply.code >= 500 and not self._retried:
@@ -634,7 +655,13 @@ class OutboundMachine:
         self._checked = True
         actions: list[OutboundAction] = []
         self._changed = features(reply) != features(self.greeting.ehlo)
-        if self._changed or early_keywords(reply) != early_keywords(self.greeting.ehlo):
+        if self._retried:
+            pass  # the entry was dropped (a strike): the next miss learns, if it may
+        elif (
+            self._changed
+            or early_keywords(reply) != early_keywords(self.greeting.ehlo)
+            or self._ehlo_line != self.greeting.client_ehlo
+        ):
             # Rewritten (or, without the keyword any more, dropped by the cache).
             self.log.invalidated = self.log.invalidated or "features"
             banner = self._real_banner or self.greeting.banner
@@ -663,22 +690,28 @@ class OutboundMachine:
         real = ehlo_keywords(self._real_ehlo) if self._real_ehlo is not None else {}
         if (
             pending.verb == "MAIL"
-            and reply.positive
             and b"SMTPUTF8" in pending.line.upper()
             and self._checked
             and "SMTPUTF8" not in real
         ):
-            # The MX would take an SMTPUTF8 message it cannot carry: stop before the data.
+            # The MTA used the SMTPUTF8 the served EHLO offered, which this MX lacks: stop
+            # before the data, whatever the MX said (its 5xx is the cache's doing), and
+            # drop the entry, so the retry meets the real EHLO and the MTA decides.
             return self._give_up(
-                "features",
-                _fail_reply("4.3.0", "Remote server no longer offers SMTPUTF8"),
+                "smtputf8",
+                _fail_reply("4.3.0", "Remote server does not offer SMTPUTF8"),
                 answered=pending,
             )
-        out = reply
+        if self._observe and pending.verb == "EHLO" and self.learn:
+            self.learn = False
+            actions: list[OutboundAction] = [SendClient(self._raw), *self._learn(pending, reply)]
+            return actions + self._send_unsent()
         if self._changed and 500 <= reply.code < 600:
             out = _fail_reply("4.3.0", f"Remote server's features changed; it said {reply.text}")
             self.log.failure = out.text
-        actions: list[OutboundAction] = [SendClient(out.to_bytes(), verdict=pending.verb == ".")]
+            actions = [SendClient(out.to_bytes(), verdict=pending.verb == ".")]
+        else:
+            actions = [SendClient(self._raw, verdict=pending.verb == ".")]
         if pending.verb == "DATA" and reply.code == 354:
             self._body = True
             self._tail = b"\r\n"
@@ -754,36 +787,15 @@ class OutboundMachine:
 
     # ------------------------------------------------------------ learning on a miss
 
-    def _learn_from(self, data: bytes) -> list[OutboundAction]:
-        if not self.learn:
+    def _learn(self, pending: _Pending, reply: Reply) -> list[OutboundAction]:
+        """The reply to the MTA's first EHLO on a miss: what a later hit serves."""
+        if self._real_banner is None or reply.code != 250:
             return []
-        try:
-            self._mx.feed(data)
-            if self._real_banner is None:
-                self._real_banner = self._mx.next_reply()
-                if self._real_banner is None:
-                    return []
-            if b"\n" not in self._first_line:
-                if self._mx.buffered:
-                    self.learn = False  # the MX said more than a greeting to nothing
-                return []
-            line = self._first_line.split(b"\n", 1)[0] + b"\n"
-            if _verb(line) != "EHLO":
-                self.learn = False
-                return []
-            ehlo = self._mx.next_reply()
-        except ProtocolError:
-            self.learn = False
-            return []
-        if ehlo is None:
-            return []
-        self.learn = False
-        self._first_line = b""
-        name = _ehlo_name(line)
-        if ehlo.code == 250 and name and _greeting_name(ehlo) == name:
-            return [Forget("loop", block=True)]
+        name = _ehlo_name(pending.line)
+        if name and _greeting_name(reply) == name:
+            return [Forget("loop", block=True)]  # never talk early to ourselves
         self.log.learned = True
-        return [Learn(self._real_banner, ehlo, line)]
+        return [Learn(self._real_banner, reply, pending.line)]
 
 
 __all__ = [
