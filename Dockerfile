@@ -32,9 +32,14 @@ LABEL org.opencontainers.image.title="pipeconnect-proxy" \
       org.opencontainers.image.base.name="${BASE}"
 # A fixed numeric uid/gid, so that Kubernetes' runAsNonRoot can verify it and mounted files
 # can be made readable for it.
+# /var/lib/pipeconnect-proxy: outbound mode's EHLO cache (outbound.cache), the one place the
+# proxy writes. The root filesystem is meant to run read-only: mount a volume here (a named
+# volume takes this directory's owner; Kubernetes: an emptyDir). Without one the proxy
+# relays its outbound sessions without the cache and says so once.
 RUN groupadd --gid 10025 pipeconnect \
     && useradd --uid 10025 --gid 10025 --no-create-home --home-dir /nonexistent \
-       --shell /usr/sbin/nologin pipeconnect
+       --shell /usr/sbin/nologin pipeconnect \
+    && install -d -o 10025 -g 10025 -m 0700 /var/lib/pipeconnect-proxy
 COPY --from=build /opt/pipeconnect /opt/pipeconnect
 COPY deploy/container/proxy.toml /etc/pipeconnect/proxy.toml
 ENV PATH=/opt/pipeconnect/bin:$PATH \
@@ -43,8 +48,10 @@ ENV PATH=/opt/pipeconnect/bin:$PATH \
     PIPECONNECT_HEALTHZ=http://127.0.0.1:9464/healthz
 USER 10025:10025
 # 25: SMTP (binding it as non-root needs net.ipv4.ip_unprivileged_port_start=0, the default in
-# Docker's own network namespaces); 465: TLS on connect, when configured; 9464: metrics, /healthz.
-EXPOSE 25 465 9464
+# Docker's own network namespaces); 465: TLS on connect, when configured; 9464: metrics, /healthz;
+# 10025: outbound mode's listener, on 127.0.0.1 only: the MTA's port-25 connections reach it
+# through the NAT rule of deploy/outbound/ in the shared network namespace. Never publish it.
+EXPOSE 25 465 9464 10025
 # The proxy is PID 1 and handles SIGTERM itself (stop accepting, let sessions finish within
 # [server] shutdown_grace, then 421); it starts no child processes, so no init is needed.
 STOPSIGNAL SIGTERM

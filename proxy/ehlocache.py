@@ -210,14 +210,23 @@ class EhloCache:
             )
         return True
 
-    def verified(self, source: str, dest: str, port: int, now: float) -> None:
-        """The MX's real banner and EHLO reply matched the cache: a clean session."""
+    def verified(
+        self, source: str, dest: str, port: int, now: float, *, client_ehlo: bytes = b""
+    ) -> None:
+        """The MX's real banner and EHLO reply matched the cache: a clean session. The TTL
+        still counts from ``learned`` (Exim's hints expire likewise). ``client_ehlo``: the
+        MTA's EHLO line to keep from now on, when it changed."""
         with self._db() as db:
             db.execute(
                 "UPDATE ehlo SET verified = ?, strikes = 0"
                 " WHERE source = ? AND dest = ? AND port = ?",
                 (now, source, dest, port),
             )
+            if _is_ehlo_line(client_ehlo):
+                db.execute(
+                    "UPDATE ehlo SET client_ehlo = ? WHERE source = ? AND dest = ? AND port = ?",
+                    (client_ehlo, source, dest, port),
+                )
 
     def strike(self, source: str, dest: str, port: int, now: float, *, block: bool = False) -> bool:
         """The MX did not say what the cache held: drop the replies and count it. True if

@@ -303,7 +303,7 @@ class Metrics:
         self.outbound_invalidations = Counter(
             "outbound_cache_invalidations",
             "EHLO cache entries dropped or rewritten because the MX did not say what they "
-            "held, by reason (sync-error, closed, banner, ehlo, loop, features)",
+            "held, by reason (" + ", ".join(OUTBOUND_INVALIDATIONS) + ")",
             ["reason"],
             namespace=ns,
             registry=r,

@@ -53,6 +53,7 @@ from .machine.outbound import (
     Verified,
 )
 from .metrics import Metrics
+from .sessionlog import quoted
 from .smtp import Reply
 from .tcpinfo import tcp_rtt
 
@@ -142,7 +143,7 @@ class Cache:
             elif isinstance(action, Forget):
                 cache.strike(*key, now, block=action.block)
             elif isinstance(action, Verified):
-                cache.verified(*key, now)
+                cache.verified(*key, now, client_ehlo=action.client_ehlo)
         except Exception as exc:
             self._failed(exc)
             return False
@@ -286,7 +287,7 @@ class OutboundSession:
                 if self.mx is not None:
                     follow = await self._send(self.mx, action.data, UpstreamBroken(sending=True))
             elif isinstance(action, ConnectMx):
-                follow = await self._connect(action.early)
+                follow = await self._connect(action.early, fast_open=action.fast_open)
             elif isinstance(action, CloseUpstream):
                 await self._close_mx()
             elif isinstance(action, CloseClient):
@@ -311,7 +312,7 @@ class OutboundSession:
                 return broken
         return broken if scope.cancelled_caught else None
 
-    async def _connect(self, early: bytes) -> Event:
+    async def _connect(self, early: bytes, *, fast_open: bool) -> Event:
         host, port = self.dest
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = trio.socket.socket(family, socket.SOCK_STREAM)
@@ -321,7 +322,7 @@ class OutboundSession:
             if self.out.bind_source:
                 sock.setsockopt(socket.SOL_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
                 await sock.bind((self.mta_address[0], 0))
-            if early:
+            if fast_open:
                 sock.setsockopt(socket.IPPROTO_TCP, _TCP_FASTOPEN_CONNECT, 1)
             with trio.fail_after(self.config.upstream.connect_timeout):
                 await sock.connect((host, port))
@@ -332,12 +333,12 @@ class OutboundSession:
             return UpstreamConnectFailed(reason)
         stream = trio.SocketStream(sock)
         self.mx = stream
-        local = sock.getsockname()
-        self.own.add((str(unmap(local[0])), local[1]))
-        if early:
+        if early:  # first: the MX must find it waiting when it is about to greet
             broken = await self._send(stream, early, UpstreamBroken(sending=True))
             if broken is not None:
                 return broken
+        local = sock.getsockname()
+        self.own.add((str(unmap(local[0])), local[1]))
         assert self._nursery is not None
         self._nursery.start_soon(self._read_mx, stream)
         return UpstreamConnected()
@@ -381,11 +382,11 @@ class OutboundSession:
             f"D={r.bytes_down}",
             f"DT={r.elapsed:.3f}s",
             f"outcome={m.outcome}",
-            f'deferred="{m.failure}"' if m.failure else "",
-            f'C="{m.last_reply}"' if m.last_reply else "",
+            f'deferred="{quoted(m.failure)}"' if m.failure else "",
+            f'detail="{quoted("; ".join(r.notes))}"' if r.notes else "",
+            f'C="{quoted(m.last_reply)}"' if m.last_reply else "",
         ]
-        line = " ".join(p for p in parts if p)
-        log.info("%s", line.replace("\n", " "))
+        log.info("%s", " ".join(p for p in parts if p))
 
 
 async def handle_outbound(

@@ -25,6 +25,12 @@ def _log_text(unsafe: re.Pattern[str], text: str) -> str:
     return unsafe.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
+def quoted(text: str) -> str:
+    """``text`` safe between the double quotes of a log field (a peer's words: no quote,
+    backslash or control character can end the field or the line)."""
+    return _log_text(_QUOTED_UNSAFE, text)
+
+
 @dataclass
 class SessionLog:
     listener: str
@@ -103,6 +109,6 @@ class SessionLog:
             f"TS={self.time_saved * 1000:.3f}ms" if self.round_trips_saved else "",
             f"DT={duration:.3f}s",
             f"outcome={self.outcome}",
-            f'detail="{_log_text(_QUOTED_UNSAFE, self.detail)}"' if self.detail else "",
+            f'detail="{quoted(self.detail)}"' if self.detail else "",
         ]
         return " ".join(p for p in parts if p)

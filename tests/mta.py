@@ -10,8 +10,14 @@ next to the code that depends on them.
 - `EximClient`: a sending Exim that routes every address to 127.0.0.1:PORT and (by default)
   uses early pipelining (PIPECONNECT) once it has cached the server's EHLO reply.
 - `EximServer`: an Exim daemon that accepts everything and discards it (the reference
-  implementation of the server side of early pipelining).
-- `deliveries()` / `exim_flags()`: parse Exim's `=>` log lines (`L`, `L*`, `K`, `X=`, `TFO*`).
+  implementation of the server side of early pipelining), or keeps it in a Maildir
+  (`store=True`); any address, TLS, SIZE, banner, connect ACL; `reload()` by SIGHUP.
+- `deliveries()` / `exim_flags()`: parse Exim's `=>` log lines (`L`, `L*`, `K`, `X=`, `TFO*`);
+  `receptions()` its `<=` lines (`L`, `L-`, `L.`, `L*`).
+- `postfix_statuses()`: Postfix's `status=` lines (sent, deferred, bounced, deliverable).
+
+Both MTAs can run in a network namespace (`netns=`, tests/netns.py): Postfix as a sender
+(`relayhost=`), Exim as the MX on 127.0.0.3:25 or [::1]:25 -- outbound mode's test bed.
 """
 
 from __future__ import annotations
@@ -26,12 +32,19 @@ import socket
 import stat
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tests.netns import Namespace
 
 POSTFIX = "/usr/sbin/postfix"
 POSTCONF = "/usr/sbin/postconf"
+POSTQUEUE = "/usr/sbin/postqueue"
+POSTSUPER = "/usr/sbin/postsuper"
+SENDMAIL = "/usr/sbin/sendmail"  # Postfix's (the Exim binary is only /usr/sbin/exim4)
 EXIM = "/usr/sbin/exim4"
 SWAKS = "/usr/bin/swaks"
 
@@ -69,14 +82,30 @@ def missing_software() -> list[str]:
 # --------------------------------------------------------------------------- helpers
 
 
-def _is_listening(port: int, host: str = "127.0.0.1") -> bool:
-    """True if some socket listens on host:port (IPv4), read from /proc: no connection made,
-    so nothing shows up in the MTA's log."""
-    want = "{:08X}:{:04X}".format(int.from_bytes(socket.inet_aton(host), "little"), port)
-    any_addr = f"00000000:{port:04X}"
+def _proc_net_address(host: str) -> tuple[str, str]:
+    """`host` as /proc/net/tcp{,6} spell it (each 32-bit word in host byte order), and the
+    table's name."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    packed = socket.inet_pton(family, host)
+    words = "".join(
+        "{:08X}".format(int.from_bytes(packed[i : i + 4], "little"))
+        for i in range(0, len(packed), 4)
+    )
+    return words, "tcp6" if family == socket.AF_INET6 else "tcp"
+
+
+def _is_listening(port: int, host: str = "127.0.0.1", proc_net: Path | None = None) -> bool:
+    """True if some socket listens on host:port (IPv4 or IPv6), read from /proc: no
+    connection made, so nothing shows up in the MTA's log. `proc_net` is the /proc/PID/net
+    of a process in another network namespace (default: this process's own)."""
+    addr, table = _proc_net_address(host)
+    want = f"{addr}:{port:04X}"
+    any_addr = f"{'0' * len(addr)}:{port:04X}"
     try:
-        lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+        lines = ((proc_net or Path("/proc/net")) / table).read_text().splitlines()[1:]
     except OSError:
+        if proc_net is not None:
+            return False
         return _can_connect(port, host)
     for line in lines:
         fields = line.split()
@@ -303,6 +332,19 @@ class Postfix:
     Mail for any address `@dest.test` is delivered to the Maildir `tmpdir/mail/box/`;
     everything else is refused (relay) or bounced internally. The log is `tmpdir/maillog`.
     `extra` entries are written last into main.cf and override the defaults.
+
+    As a SENDER (`relayhost="[127.0.0.3]:25"`, brackets: no MX lookup; or `"[::1]:25"`,
+    which also sets `inet_protocols = all`): everything not `@mta.test` goes out through
+    the smtp(8) client to the relay host (`default_transport = smtp`); `@mta.test` (bounce
+    and delay notices to the test's senders) lands in the Maildir instead, so a notice
+    never travels to the MX. Submit with `submit()`; judge with `statuses()`,
+    `wait_sent()`, `wait_status()`. smtp client settings (`smtp_tls_security_level`,
+    `smtp_tls_CAfile`, `smtp_connection_cache_on_demand`, queue timers...) go in `extra`.
+    There is no DNS: `disable_dns_lookups = yes`, `smtp_host_lookup = native`.
+
+    `netns`: run the instance in that network namespace (tests/netns.py): `postfix
+    start|stop|reload|flush` run under its `exec_prefix`, so the master and all its
+    daemons live there. Submission (`sendmail`, postdrop) needs no network.
     """
 
     def __init__(
@@ -314,9 +356,13 @@ class Postfix:
         forbid_unauth_pipelining: bool = True,
         xclient: bool = False,
         extra: dict[str, str] | None = None,
+        relayhost: str | None = None,
+        netns: Namespace | None = None,
     ) -> None:
         self.dir = Path(tmpdir).resolve()
         self.port = port
+        self.relayhost = relayhost
+        self.netns = netns
         self.proxy_protocol = proxy_protocol
         self.forbid_unauth_pipelining = forbid_unauth_pipelining
         self.xclient = xclient
@@ -331,7 +377,16 @@ class Postfix:
         self.running = False
 
     def __repr__(self) -> str:
-        return f"<Postfix 127.0.0.1:{self.port} in {self.dir}>"
+        where = f" in {self.netns.name}" if self.netns is not None else ""
+        relay = f" -> {self.relayhost}" if self.relayhost else ""
+        return f"<Postfix 127.0.0.1:{self.port}{relay}{where} in {self.dir}>"
+
+    @property
+    def exec_prefix(self) -> list[str]:
+        return list(self.netns.exec_prefix) if self.netns is not None else []
+
+    def _proc_net(self) -> Path | None:
+        return self.netns.proc_net if self.netns is not None else None
 
     # -- configuration
 
@@ -389,6 +444,18 @@ class Postfix:
             cf["smtpd_upstream_proxy_protocol"] = "haproxy"
         if self.xclient:
             cf["smtpd_authorized_xclient_hosts"] = "127.0.0.0/8"
+        if self.relayhost:
+            cf.update(
+                {
+                    "relayhost": self.relayhost,
+                    "default_transport": "smtp",
+                    "relay_transport": "smtp",
+                    # Notices to the test's senders stay here (see the class docstring).
+                    "virtual_mailbox_domains": "mta.test",
+                }
+            )
+            if self.relayhost.startswith("[") and ":" in self.relayhost.split("]")[0]:
+                cf["inet_protocols"] = "all"
         cf.update(self.extra)
         return cf
 
@@ -416,7 +483,7 @@ class Postfix:
     def _postfix(self, *args: str, check: bool = True) -> str:
         # Errors before logging is up go to the terminal only: give it a pseudo-terminal.
         cmd = " ".join([POSTFIX, "-c", str(self.config_dir), *args])
-        return _run(["script", "-qec", cmd, "/dev/null"], check=check)
+        return _run([*self.exec_prefix, "script", "-qec", cmd, "/dev/null"], check=check)
 
     def master_pid(self) -> int | None:
         try:
@@ -437,7 +504,7 @@ class Postfix:
         try:
             _wait_for(
                 f"{self!r} to listen",
-                lambda: _is_listening(self.port),
+                lambda: _is_listening(self.port, proc_net=self._proc_net()),
                 timeout,
                 lambda: "--- maillog:\n" + self.maillog(),
             )
@@ -537,6 +604,164 @@ class Postfix:
         )
         return self.messages()
 
+    # -- as a sender
+
+    def submit(self, sender: str, rcpts: str | Sequence[str], message: bytes) -> None:
+        """Queue `message` (headers, blank line, body; LF line endings) with Postfix's own
+        `sendmail -C CONFIG -i -f SENDER -- RCPT...` (postdrop: no network needed). `-i`: a
+        line holding only "." is message text. Returns once it is in the maildrop queue;
+        delivery is asynchronous (`wait_sent`, `statuses`)."""
+        rcpt_list = [rcpts] if isinstance(rcpts, str) else list(rcpts)
+        cmd = [SENDMAIL, "-C", str(self.config_dir), "-i", "-f", sender, "--", *rcpt_list]
+        proc = subprocess.run(cmd, input=message, capture_output=True, timeout=30, check=False)
+        if proc.returncode != 0:
+            out = (proc.stdout + proc.stderr).decode("utf-8", "replace")
+            raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{out}")
+
+    def log_mark(self) -> int:
+        """The maillog's current size: pass as `since` to look at what came after."""
+        return _size(self.maillog_path)
+
+    def maillog_since(self, since: int = 0) -> str:
+        return _tail_since(self.maillog_path, since)
+
+    def statuses(self, since: int = 0, kinds: str | None = None) -> list[PostfixStatus]:
+        """The delivery agents' `status=` lines since `since` (a `log_mark()`), optionally
+        only those whose status is among `kinds` ("sent deferred bounced deliverable
+        undeliverable expired")."""
+        wanted = set(kinds.split()) if kinds else None
+        return [
+            st
+            for st in postfix_statuses(self.maillog_since(since))
+            if wanted is None or st.status in wanted
+        ]
+
+    def wait_status(
+        self, kinds: str, n: int = 1, *, since: int = 0, timeout: float = 20
+    ) -> list[PostfixStatus]:
+        """Wait until at least `n` status lines with a status in `kinds` have been logged
+        since `since`; return those."""
+        _wait_for(
+            f"{n} status={kinds!r} line(s) in {self.maillog_path}",
+            lambda: len(self.statuses(since, kinds)) >= n,
+            timeout,
+            lambda: f"--- maillog since mark:\n{self.maillog_since(since)}",
+        )
+        return self.statuses(since, kinds)
+
+    def wait_sent(self, n: int = 1, *, since: int = 0, timeout: float = 20) -> list[PostfixStatus]:
+        """Wait for `n` `status=sent` lines since `since`; fail early (with the log) if a
+        bounce shows up meanwhile."""
+
+        def done() -> bool:
+            bounced = self.statuses(since, "bounced")
+            if bounced:
+                raise AssertionError(
+                    f"{self!r} bounced a message while waiting for {n} sent:\n"
+                    + "\n".join(b.line for b in bounced)
+                    + f"\n--- maillog since mark:\n{self.maillog_since(since)}"
+                )
+            return len(self.statuses(since, "sent")) >= n
+
+        _wait_for(
+            f"{n} status=sent line(s) in {self.maillog_path}",
+            done,
+            timeout,
+            lambda: f"--- maillog since mark:\n{self.maillog_since(since)}",
+        )
+        return self.statuses(since, "sent")
+
+    def queue_id(self, message_id: str, *, since: int = 0, timeout: float = 20) -> str:
+        """The queue ID cleanup(8) gave the message with Message-ID `message_id` (without
+        the angle brackets)."""
+        m = self.wait_log_since(rf"(\w+): message-id=<{re.escape(message_id)}>", since, timeout)
+        return m[1]
+
+    def wait_log_since(self, pattern: str, since: int = 0, timeout: float = 10) -> re.Match[str]:
+        """`wait_log`, looking only at what was logged after `since` (a `log_mark()`)."""
+        rx = re.compile(pattern, re.MULTILINE)
+        found: list[re.Match[str]] = []
+
+        def check() -> bool:
+            m = rx.search(self.maillog_since(since))
+            if m:
+                found.append(m)
+            return m is not None
+
+        _wait_for(
+            f"/{pattern}/ in {self.maillog_path}",
+            check,
+            timeout,
+            lambda: "--- maillog since mark:\n" + self.maillog_since(since),
+        )
+        return found[0]
+
+    def _queue_tool(self, tool: str, *args: str, check: bool = True) -> str:
+        return _run([*self.exec_prefix, tool, "-c", str(self.config_dir), *args], check=check)
+
+    def flush(self) -> None:
+        """`postqueue -f`: attempt every queued message now."""
+        self._queue_tool(POSTQUEUE, "-f")
+
+    def queue_listing(self) -> str:
+        """`postqueue -p` ("Mail queue is empty" when it is)."""
+        return self._queue_tool(POSTQUEUE, "-p", check=False)
+
+    def queue_empty(self) -> bool:
+        return "Mail queue is empty" in self.queue_listing()
+
+    def delete_queue(self) -> None:
+        """`postsuper -d ALL`: drop every queued message (no bounce)."""
+        self._queue_tool(POSTSUPER, "-d", "ALL", check=False)
+
+    def hold_queue(self) -> None:
+        """`postsuper -h ALL`: put every queued message on hold (no more attempts)."""
+        self._queue_tool(POSTSUPER, "-h", "ALL", check=False)
+
+
+# `postfix/smtp[123]: 4Xy...: to=<a@b>, relay=h[1.2.3.4]:25, delay=..., dsn=2.0.0,
+# status=sent (250 OK ...)`; also from `verify`-mode probes (status=deliverable).
+_STATUS = re.compile(
+    r"postfix/(?P<agent>[\w/-]+)\[\d+\]: (?P<id>\w+): to=<(?P<to>[^>]*)>,"
+    r"(?:.*? relay=(?P<relay>[^,]+),)?.*? dsn=(?P<dsn>[\d.]+), status=(?P<status>\w+)"
+    r"(?: \((?P<reason>.*)\))?$"
+)
+
+
+@dataclass(frozen=True)
+class PostfixStatus:
+    """One `status=` line of a Postfix maillog (a delivery attempt's outcome)."""
+
+    line: str
+    agent: str  # smtp, virtual, error, bounce...
+    queue_id: str
+    to: str
+    relay: str
+    dsn: str
+    status: str  # sent, deferred, bounced, expired, deliverable, undeliverable
+    reason: str  # the text in parentheses: the server's reply or Postfix's explanation
+
+
+def postfix_statuses(log: str) -> list[PostfixStatus]:
+    """Every `status=` line of a Postfix maillog, in order."""
+    result = []
+    for line in log.splitlines():
+        m = _STATUS.search(line)
+        if m:
+            result.append(
+                PostfixStatus(
+                    line,
+                    m["agent"],
+                    m["id"],
+                    m["to"],
+                    m["relay"] or "",
+                    m["dsn"],
+                    m["status"],
+                    m["reason"] or "",
+                )
+            )
+    return result
+
 
 def swaks(
     port: int,
@@ -586,7 +811,8 @@ def _exim_dirs(base: Path) -> tuple[Path, Path]:
     return spool, log
 
 
-def _exim_common(spool: Path, log: Path, hostname: str) -> str:
+def _exim_common(spool: Path, log: Path, hostname: str, *, tls_advertise_hosts: str = "") -> str:
+    # Exim refuses a main option set twice: whatever a caller may change is a parameter.
     return f"""\
 primary_hostname = {hostname}
 qualify_domain = {hostname}
@@ -599,7 +825,7 @@ notifier_socket =
 host_lookup =
 rfc1413_hosts =
 rfc1413_query_timeout = 0s
-tls_advertise_hosts =
+tls_advertise_hosts = {tls_advertise_hosts}
 """
 
 
@@ -781,11 +1007,59 @@ def build_message(body: bytes, *, sender: str, rcpts: list[str], msgid: str) -> 
 class EximServer:
     """An Exim daemon on 127.0.0.1:`port` that accepts every message and discards it.
 
-    Received messages show as `<=` lines in `mainlog()`. `pipe_connect_advertise`
-    offers PIPECONNECT to everyone; `pipelining=False` offers no PIPELINING (and Exim then
-    answers pipelined input with `554 SMTP synchronization error`); `proxy_hosts` is
-    `hosts_proxy` (those hosts must send a PROXY header). `extra_main` goes into the main
-    section.
+    Received messages show as `<=` lines in `mainlog()` (`receptions()` parses them).
+    `pipe_connect_advertise` offers PIPECONNECT to everyone; `pipelining=False` offers no
+    PIPELINING (and Exim then answers pipelined input with `554 SMTP synchronization
+    error`); `proxy_hosts` is `hosts_proxy` (those hosts must send a PROXY header).
+    `extra_main` goes into the main section.
+
+    For outbound-mode tests (an MX that a sending Postfix reaches):
+
+    - `address`: the interface to listen on (`local_interfaces`), e.g. "127.0.0.3" or
+      "::1"; `netns`: run the daemon in that network namespace (tests/netns.py).
+    - `store=True`: keep the messages in the Maildir `DIR/mail/new/` (an appendfile
+      transport, run as Debian-exim) instead of discarding them: `stored_messages()`,
+      `wait_stored(n)`. Exim adds its own `Received:` header on top; the body is as sent.
+    - `tls`: a dict with `certificate` and `key` PEM paths (tests/certs.py
+      `write_tls_files`): STARTTLS offered to every host. The files must be readable by
+      Debian-exim.
+    - `message_size_limit`: e.g. "2K" (Exim's default is 50M); the EHLO reply says `SIZE n`.
+    - `smtp_banner`: the greeting's text; Exim always sends it with code 220 (there is no
+      option for another code).
+    - `connect_acl`: the ACL run at connection time (`acl_smtp_connect`), one statement a
+      line, e.g. "defer" or "defer message = try later" or "deny". Exim cannot be told to
+      send a 4xx *banner*; a connect ACL that defers is how it says "not now" at connect.
+      What Exim 4.96 does (checked): it sends no banner but, in its place,
+      `defer` -> `451 Temporary local problem - please try later` (not a 421), then closes;
+      mainlog `H=[127.0.0.1]:PORT temporarily rejected connection in "connect" ACL`;
+      `defer message = try later` -> `451 try later`, logged `... in "connect" ACL: try
+      later`; `deny` -> `550 Administrative prohibition`, logged `H=[...]:PORT rejected
+      connection in "connect" ACL`. A client that already talked (early pipelining) gets
+      the reply and then a TCP reset (Exim closes with the commands unread). Postfix,
+      directly: `dsn=4.0.0, status=deferred (host 127.0.0.3[127.0.0.3] refused to talk to
+      me: 451 Temporary local problem - please try later)`.
+    - `primary_hostname`: the name in the banner and the EHLO reply (default server.test).
+      Postfix meeting its own myhostname there logs "greeted me with my own hostname" and
+      "replied to HELO/EHLO with my own hostname", then bounces: `dsn=5.4.6,
+      status=bounced (mail for [127.0.0.3]:25 loops back to myself)`.
+
+    Exim's answer to early talk when it does not offer PIPECONNECT (to this host): no
+    banner, `554 SMTP synchronization error`, and the log line `SMTP protocol
+    synchronization error (input sent without waiting for greeting): rejected connection
+    from H=[127.0.0.1]:PORT input="EHLO ..."`. With `message_size_limit` below a MAIL's
+    SIZE=: `552 Message size exceeds maximum permitted` (log `rejected MAIL FROM:<...>
+    H=(...) [...]:PORT: message too big: size=5000 max=1024`); Postfix, seeing the real
+    SIZE, bounces itself: `dsn=5.3.4 ... message size N exceeds size limit M of server`.
+
+    Run with `-C`, Exim drops root when it re-executes itself on SIGHUP ("exim user lost
+    privilege for using -C option", also in the paniclog: the file is not in its
+    TRUSTED_CONFIG_LIST); deliveries run as Debian-exim anyway. For port 25 in a
+    namespace, `start()` lets unprivileged users bind low ports there.
+    - `log_selector_extra`: more log_selector items.
+
+    Change any of these attributes and call `reload()`: the config is rewritten and the
+    daemon gets SIGHUP (Exim re-executes itself, same pid, and logs "daemon started"
+    again); it returns when the new daemon listens.
     """
 
     def __init__(
@@ -797,6 +1071,15 @@ class EximServer:
         pipelining: bool = True,
         proxy_hosts: str | None = None,
         extra_main: str = "",
+        address: str = "127.0.0.1",
+        netns: Namespace | None = None,
+        store: bool = False,
+        tls: dict[str, str] | None = None,
+        message_size_limit: str | None = None,
+        smtp_banner: str | None = None,
+        connect_acl: str | None = None,
+        primary_hostname: str = "server.test",
+        log_selector_extra: str = "",
     ) -> None:
         self.dir = Path(tmpdir).resolve()
         self.port = port
@@ -804,7 +1087,17 @@ class EximServer:
         self.pipelining = pipelining
         self.proxy_hosts = proxy_hosts
         self.extra_main = extra_main
+        self.address = address
+        self.netns = netns
+        self.store = store
+        self.tls = tls
+        self.message_size_limit = message_size_limit
+        self.smtp_banner = smtp_banner
+        self.connect_acl = connect_acl
+        self.primary_hostname = primary_hostname
+        self.log_selector_extra = log_selector_extra
         self.spool, self.logdir = _exim_dirs(self.dir)
+        self.maildir = self.dir / "mail"
         self.conf = self.dir / "exim.conf"
         self.mainlog_path = self.logdir / "mainlog"
         self.output_path = self.dir / "daemon.out"
@@ -812,14 +1105,24 @@ class EximServer:
         self.write_config()
 
     def __repr__(self) -> str:
-        return f"<EximServer 127.0.0.1:{self.port} in {self.dir}>"
+        where = f" in {self.netns.name}" if self.netns is not None else ""
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"<EximServer {host}:{self.port}{where} in {self.dir}>"
+
+    def _proc_net(self) -> Path | None:
+        return self.netns.proc_net if self.netns is not None else None
 
     def write_config(self) -> None:
         main = [
-            "local_interfaces = 127.0.0.1",
+            # "<;": the list separator is ";", so an IPv6 address needs no doubled colons.
+            f"local_interfaces = <; {self.address}",
+            # A failed bind (after a reload) is an error at once, not 9 tries 30 s apart.
+            "daemon_startup_retries = 1",
+            "daemon_startup_sleep = 1s",
             "acl_smtp_rcpt = accept",
             "log_selector = +pipelining +millisec +received_recipients +smtp_connection"
-            " +smtp_protocol_error +smtp_syntax_error +incoming_port +proxy",
+            " +smtp_protocol_error +smtp_syntax_error +incoming_port +proxy"
+            + (f" {self.log_selector_extra}" if self.log_selector_extra else ""),
         ]
         if self.pipe_connect_advertise:
             main.append("pipelining_connect_advertise_hosts = *")
@@ -829,21 +1132,66 @@ class EximServer:
             main.append("pipelining_advertise_hosts = :")
         if self.proxy_hosts is not None:
             main.append(f"hosts_proxy = {self.proxy_hosts}")
+        if self.tls is not None:
+            main += [
+                f"tls_certificate = {self.tls['certificate']}",
+                f"tls_privatekey = {self.tls['key']}",
+            ]
+        if self.message_size_limit is not None:
+            main.append(f"message_size_limit = {self.message_size_limit}")
+        if self.smtp_banner is not None:
+            main.append(f"smtp_banner = {self.smtp_banner}")
+        if self.connect_acl is not None:
+            main.append("acl_smtp_connect = acl_check_connect")
         text = (
-            _exim_common(self.spool, self.logdir, "server.test")
+            _exim_common(
+                self.spool,
+                self.logdir,
+                self.primary_hostname,
+                tls_advertise_hosts="*" if self.tls is not None else "",
+            )
             + "\n".join(main)
             + "\n"
             + self.extra_main
-            + "\n\nbegin routers\n\n"
-            + "discard:\n  driver = redirect\n  data = :blackhole:\n"
         )
+        if self.connect_acl is not None:
+            text += "\n\nbegin acl\n\nacl_check_connect:\n"
+            text += "".join(f"  {ln.strip()}\n" for ln in self.connect_acl.splitlines())
+        if self.store:
+            user = pwd.getpwnam(EXIM_USER)
+            self.maildir.mkdir(exist_ok=True)
+            os.chown(self.maildir, user.pw_uid, user.pw_gid)
+            text += (
+                "\n\nbegin routers\n\n"
+                + "store:\n  driver = accept\n  transport = store\n"
+                + "\nbegin transports\n\n"
+                + "store:\n  driver = appendfile\n"
+                + f"  directory = {self.maildir}\n"
+                + "  maildir_format\n  create_directory\n"
+                + f"  user = {EXIM_USER}\n  group = {EXIM_USER}\n  mode = 0644\n"
+            )
+        else:
+            text += "\n\nbegin routers\n\ndiscard:\n  driver = redirect\n  data = :blackhole:\n"
         _replace_file(self.conf, text)
+
+    def _listening(self) -> bool:
+        return _is_listening(self.port, self.address, self._proc_net())
 
     def start(self, timeout: float = 10) -> EximServer:
         self.write_config()
-        with self.output_path.open("wb") as out:
+        cmd = [EXIM, "-C", str(self.conf), "-bdf", "-oX", str(self.port)]
+        if self.netns is not None and self.port < 1024:
+            # With -C, Exim runs as Debian-exim after its SIGHUP re-exec ("exim user lost
+            # privilege for using -C option": the file is not in its TRUSTED_CONFIG_LIST,
+            # /etc/exim4/trusted_configs) and then fails to bind port 25 ("Permission
+            # denied"): let any user bind low ports in the test's namespace.
+            self.netns.allow_unprivileged_low_ports()
+        if self.netns is not None:
+            cmd = self.netns.command(cmd)  # `ip netns exec` execs: the pid is Exim's
+        mark = self.log_mark()
+        with self.output_path.open("ab") as out:
             self.proc = subprocess.Popen(
-                [EXIM, "-C", str(self.conf), "-bdf", "-oX", str(self.port)],
+                cmd,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -854,7 +1202,7 @@ class EximServer:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self!r} exited {self.proc.returncode}\n{self._diag()}")
-            return _is_listening(self.port)
+            return self._listening() and _EXIM_STARTED in self.mainlog_since(mark)
 
         try:
             _wait_for(f"{self!r} to listen", ready, timeout, self._diag)
@@ -862,6 +1210,37 @@ class EximServer:
             self.stop()
             raise
         return self
+
+    def reload(self, timeout: float = 10) -> None:
+        """Rewrite the configuration from the attributes and SIGHUP the daemon; return
+        once the re-executed daemon has logged "daemon started" again and listens.
+
+        Exim on SIGHUP logs `pid N: SIGHUP received: re-exec daemon`, closes its listening
+        sockets and execs itself with the same arguments (same pid): there is a moment in
+        which nothing listens (a connection is refused)."""
+        if self.proc is None or self.proc.poll() is not None:
+            raise RuntimeError(f"{self!r} is not running\n{self._diag()}")
+        self.write_config()
+        # Exim checks the config is readable by its own user; refuse a broken one before
+        # the daemon does (a bad config on re-exec leaves no daemon at all).
+        _run([EXIM, "-C", str(self.conf), "-bV"])  # raises with Exim's complaint
+        before = self.mainlog().count(_EXIM_STARTED)
+        self.proc.send_signal(signal.SIGHUP)
+        sent = [time.monotonic()]
+
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self!r} exited {self.proc.returncode}\n{self._diag()}")
+            restarted = self.mainlog().count(_EXIM_STARTED) > before
+            if not restarted and time.monotonic() - sent[0] > 1:
+                # Exim ignores SIGHUP until its daemon loop is set up (just after it
+                # listens, or just after a re-exec): say it again.
+                self.proc.send_signal(signal.SIGHUP)
+                sent[0] = time.monotonic()
+            return restarted and self._listening()
+
+        _wait_for(f"{self!r} to re-exec after SIGHUP", ready, timeout, self._diag)
 
     def _diag(self) -> str:
         return (
@@ -897,13 +1276,37 @@ class EximServer:
     def mainlog(self) -> str:
         return _tail_since(self.mainlog_path, 0)
 
-    def wait_log(self, pattern: str, timeout: float = 10) -> re.Match[str]:
-        """Wait until the regex `pattern` matches (re.search, MULTILINE) the mainlog."""
+    def log_mark(self) -> int:
+        """The mainlog's current size: pass as `since` to look at what came after."""
+        return _size(self.mainlog_path)
+
+    def mainlog_since(self, since: int = 0) -> str:
+        return _tail_since(self.mainlog_path, since)
+
+    def receptions(self, since: int = 0) -> list[EximReception]:
+        """The `<=` lines logged since `since` (a `log_mark()`)."""
+        return receptions(self.mainlog_since(since))
+
+    def wait_receptions(
+        self, n: int, *, since: int = 0, timeout: float = 20
+    ) -> list[EximReception]:
+        """Wait for `n` `<=` lines since `since`; return them."""
+        _wait_for(
+            f"{n} '<=' line(s) in {self.mainlog_path}",
+            lambda: len(self.receptions(since)) >= n,
+            timeout,
+            lambda: f"--- mainlog since mark:\n{self.mainlog_since(since)}",
+        )
+        return self.receptions(since)
+
+    def wait_log(self, pattern: str, timeout: float = 10, since: int = 0) -> re.Match[str]:
+        """Wait until the regex `pattern` matches (re.search, MULTILINE) the mainlog (what
+        was logged after `since`, a `log_mark()`)."""
         rx = re.compile(pattern, re.MULTILINE)
         found: list[re.Match[str]] = []
 
         def check() -> bool:
-            m = rx.search(self.mainlog())
+            m = rx.search(self.mainlog_since(since))
             if m:
                 found.append(m)
             return m is not None
@@ -911,8 +1314,35 @@ class EximServer:
         _wait_for(f"/{pattern}/ in {self.mainlog_path}", check, timeout, self._diag)
         return found[0]
 
+    # -- stored messages (store=True)
+
+    def stored_files(self) -> list[Path]:
+        new = self.maildir / "new"
+        if not new.is_dir():
+            return []
+        return sorted((p for p in new.iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime)
+
+    def stored_messages(self) -> list[bytes]:
+        """The messages delivered to the Maildir, oldest first, as stored (LF endings,
+        Exim's Received: header on top)."""
+        return [p.read_bytes() for p in self.stored_files()]
+
+    def wait_stored(self, n: int, timeout: float = 20) -> list[bytes]:
+        """Wait until at least `n` messages are in the Maildir; return all of them."""
+        _wait_for(
+            f"{n} message(s) in {self.maildir}/new",
+            lambda: len(self.stored_files()) >= n,
+            timeout,
+            lambda: f"have {len(self.stored_files())}\n{self._diag()}",
+        )
+        return self.stored_messages()
+
 
 # --------------------------------------------------------------------------- Exim logs
+
+# The daemon's start line, logged again after each SIGHUP re-exec:
+# `exim 4.96 daemon started: pid=123, no queue runs, listening for SMTP on [127.0.0.3]:25`
+_EXIM_STARTED = " daemon started: pid="
 
 # `=>` first delivery, `->` further address in the same delivery, `==` deferred,
 # `**` failed, `*>` suppressed by -N.
@@ -983,6 +1413,85 @@ def deliveries(log: str, kinds: str = "=>") -> list[EximDelivery]:
     return result
 
 
+# `<=` a message received: `ID <= sender H=(helo) [ip]:port I=[ip]:port P=esmtp L. S=123
+# id=msgid for rcpt...` (the `for` part with +received_recipients).
+_RECEPTION = re.compile(r"^\S+ \S+ (?:\S+ )?(?P<id>[-0-9A-Za-z]{16,23}) <= ")
+
+
+@dataclass(frozen=True)
+class EximReception:
+    """One `<=` line of an Exim mainlog (log_selector +pipelining).
+
+    The pipelining flag is built (receive.c) as `L` when PIPELINING was advertised, then `*`
+    if the client talked before the banner (early pipelining used) or `.` if PIPECONNECT
+    was advertised and not used, then `-` if the client did not pipeline (Exim never found
+    the next command already waiting): `L`, `L-`, `L.`, `L.-`, `L*`, `L*-`. It is per
+    connection: every message of a session carries its session's flag. `K` is CHUNKING
+    used, `TFO` TCP Fast Open. `fields`: `H`, `I`, `P`, `S`, `X` (TLS cipher), `id` (the
+    Message-ID)... `rcpts`: the `for` list."""
+
+    line: str
+    message_id: str
+    sender: str
+    fields: dict[str, str]
+    flags: frozenset[str]
+    rcpts: tuple[str, ...]
+
+    @property
+    def pipelining_flag(self) -> str:
+        """`L`, `L-`, `L.`, `L.-`, `L*`, `L*-`, or "" (no PIPELINING advertised)."""
+        return next((f for f in self.flags if f.startswith("L")), "")
+
+    @property
+    def early_pipelined(self) -> bool:
+        return self.pipelining_flag.startswith("L*")
+
+    @property
+    def pipe_connect_offered(self) -> bool:
+        return self.pipelining_flag[1:2] in (".", "*")
+
+    @property
+    def pipelined(self) -> bool:
+        """The client pipelined (no trailing `-`)."""
+        return bool(self.pipelining_flag) and not self.pipelining_flag.endswith("-")
+
+    @property
+    def tls(self) -> bool:
+        return "X" in self.fields
+
+    @property
+    def header_id(self) -> str:
+        """The Message-ID header (`id=`), without angle brackets."""
+        return self.fields.get("id", "").strip("<>")
+
+
+def receptions(log: str) -> list[EximReception]:
+    """The `<=` lines of `log`, parsed."""
+    result = []
+    for line in log.splitlines():
+        m = _RECEPTION.match(line)
+        if not m:
+            continue
+        tokens = _TOKEN.findall(line[m.end() :])
+        sender = tokens[0] if tokens else ""
+        fields: dict[str, str] = {}
+        flags: set[str] = set()
+        rcpts: tuple[str, ...] = ()
+        for i, tok in enumerate(tokens[1:], start=1):
+            if tok == "for":
+                rcpts = tuple(tokens[i + 1 :])
+                break
+            name, eq, value = tok.partition("=")
+            if eq and re.fullmatch(r"[A-Za-z]+", name):
+                if len(value) >= 2 and value[0] == value[-1] == '"':
+                    value = value[1:-1]
+                fields.setdefault(name, value)
+            elif re.fullmatch(r"L[.*]?-?|K|TFO\*?", tok):
+                flags.add(tok)
+        result.append(EximReception(line, m["id"], sender, fields, frozenset(flags), rcpts))
+    return result
+
+
 def exim_flags(log: str) -> list[str]:
     """The flags (`L`, `L*`, `K`, `TFO`, `TFO*`, `*`) of the last `=>` line in `log`, plus
     `X` if it used TLS. Raises AssertionError (showing the log) when there is no `=>`."""
@@ -999,12 +1508,16 @@ __all__ = [
     "SWAKS",
     "EximClient",
     "EximDelivery",
+    "EximReception",
     "EximServer",
     "Postfix",
+    "PostfixStatus",
     "build_message",
     "deliveries",
     "exim_flags",
     "free_port",
     "missing_software",
+    "postfix_statuses",
+    "receptions",
     "swaks",
 ]

@@ -2,6 +2,8 @@
 
 A real scrape after the scripted sessions of test_metrics decides what "exported" means;
 every PromQL expression is also parsed by promtool (tests/test_metrics_promtool.py).
+Outbound mode's metrics are all on the dashboard, and every label value a query or rule
+selects for them is one the proxy exports (its series at 0 from `expose_outbound`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ from typing import Any
 
 import pytest
 import trio
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.metrics import Metrics
 
 from .test_metrics import run_script
 
@@ -148,6 +153,22 @@ def recorded_names() -> set[str]:
 
 # ------------------------------------------------------------------ the dashboard
 
+# Outbound mode's panels and their units.
+OUTBOUND_PANELS = {
+    "Outbound early ratio (time range)": "percentunit",
+    "Outbound time saved (last hour)": "s",
+    "Outbound round trips saved (last hour)": "short",
+    "Outbound active sessions": "short",
+    "Outbound sessions by path": "short",
+    "Outbound sessions by outcome": "short",
+    "Outbound early ratio": "percentunit",
+    "Outbound cache lookups by result": "short",
+    "Outbound cache invalidations by reason": "short",
+    "Outbound deferrals, retries and cache errors": "short",
+    "Outbound time saved per hour": "s",
+    "Outbound round trips saved per hour": "short",
+}
+
 
 def test_dashboard_structure() -> None:
     d = load_dashboard()
@@ -166,8 +187,16 @@ def test_dashboard_structure() -> None:
         "Active sessions",
         "TLS handshakes by version",
         "Sync errors (early input refused)",
+        *OUTBOUND_PANELS,
     ):
         assert wanted in titles, wanted
+    for title, unit in OUTBOUND_PANELS.items():
+        assert titles[title]["fieldConfig"]["defaults"]["unit"] == unit, title
+    # the outbound panels sit under their own row, below everything else
+    row = titles["Outbound mode (the MTA's own deliveries)"]
+    assert row["type"] == "row"
+    for title in OUTBOUND_PANELS:
+        assert titles[title]["gridPos"]["y"] > row["gridPos"]["y"], title
     assert titles["Upstream banner latency"]["type"] == "heatmap"
     assert titles["Upstream banner latency"]["targets"][0]["format"] == "heatmap"
     assert titles["Advertised-vs-used ratio"]["fieldConfig"]["defaults"]["unit"] == "percentunit"
@@ -236,8 +265,84 @@ def test_dashboard_queries_name_only_exported_metrics(exported: set[str]) -> Non
         "pipeconnect_active_sessions",
         "pipeconnect_tls_handshakes_total",
         "pipeconnect_early_input_refused_total",
+        "pipeconnect_outbound_sessions_total",
+        "pipeconnect_outbound_cache_lookups_total",
+        "pipeconnect_outbound_cache_invalidations_total",
+        "pipeconnect_outbound_cache_errors_total",
+        "pipeconnect_outbound_deferred_total",
+        "pipeconnect_outbound_round_trips_saved_total",
+        "pipeconnect_outbound_time_saved_seconds_total",
     ):
         assert essential in used, essential
+
+
+def dashboard_metric_names() -> set[str]:
+    used: set[str] = set()
+    for _, expr in dashboard_exprs(load_dashboard()):
+        used |= metric_names(substitute(expr))
+    return used
+
+
+def test_dashboard_shows_every_outbound_metric(exported: set[str]) -> None:
+    outbound = {name for name in exported if name.startswith("pipeconnect_outbound_")}
+    assert len(outbound) >= 10, sorted(outbound)  # the scrape has them (families at least)
+    missing = outbound - dashboard_metric_names()
+    assert not missing, f"outbound metrics on no panel: {sorted(missing)}"
+
+
+def outbound_labels() -> dict[str, dict[str, set[str]]]:
+    """{series: {label: values}} of every outbound series the proxy exports at 0 when an
+    outbound listener is up (Metrics.expose_outbound, from proxy/outcomes.py)."""
+    metrics = Metrics()
+    metrics.expose_outbound()
+    out: dict[str, dict[str, set[str]]] = {}
+    text = generate_latest(metrics.registry).decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("pipeconnect_outbound_"):
+                labels = out.setdefault(sample.name, {})
+                for key, value in sample.labels.items():
+                    labels.setdefault(key, set()).add(value)
+    return out
+
+
+_SELECTOR = re.compile(r"(pipeconnect_outbound_\w+)\s*\{([^}]*)\}")
+_MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"((?:\\.|[^"\\])*)"')
+
+
+def test_outbound_queries_select_exported_label_values() -> None:
+    known = outbound_labels()
+    assert known["pipeconnect_outbound_sessions_total"]["path"] == {
+        "relay",
+        "early",
+        "retried",
+        "in-step",
+    }
+    exprs = [(w, substitute(e)) for w, e in dashboard_exprs(load_dashboard())]
+    exprs += [(f"rule {name}", expr) for name, expr in rules_exprs()]
+    checked = 0
+    for where, expr in exprs:
+        for name, matchers in _SELECTOR.findall(expr):
+            labels = known.get(name, {})
+            for key, op, value in _MATCHER.findall(matchers):
+                if key in ("job", "instance"):
+                    continue
+                assert key in labels, f"{where}: {name} has no label {key!r}"
+                if op == "=":
+                    assert value in labels[key], (
+                        f"{where}: {name}{{{key}={value!r}}} never exported"
+                    )
+                elif op == "=~":
+                    assert any(re.fullmatch(value, v) for v in labels[key]), (where, value)
+                checked += 1
+        # `by (...)` over outbound series groups by labels they have
+        names = metric_names(expr)
+        if names and all(n.startswith("pipeconnect_outbound_") for n in names):
+            have = {"job", "instance"}.union(*(set(known.get(n, {})) for n in names))
+            for group in re.findall(r"\bby\s*\(([^)]*)\)", expr):
+                for label in filter(None, (g.strip() for g in group.split(","))):
+                    assert label in have, f"{where}: grouped by {label!r}, which {names} lack"
+    assert checked >= 4  # path="early" on the dashboard and in the rule, reason="loop"
 
 
 # ------------------------------------------------------------------ the rules
@@ -249,6 +354,13 @@ def test_rules_name_only_exported_metrics(exported: set[str]) -> None:
     recorded = recorded_names()
     assert "pipeconnect:early_pipelining_use_ratio:rate5m" in recorded
     assert "pipeconnect:time_saved_seconds:increase1h" in recorded
+    assert "pipeconnect:outbound_early_ratio:rate5m" in recorded
+    alerts = {name for name, _ in rules if ":" not in name}
+    assert {
+        "PipeconnectOutboundDeferring",
+        "PipeconnectOutboundCacheErrors",
+        "PipeconnectOutboundLoop",
+    } <= alerts
     for name, expr in rules:
         missing = metric_names(expr) - exported - recorded - PROMETHEUS_SERIES
         assert not missing, f"rule {name}: {sorted(missing)} not exported by the proxy"

@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.needs import require_binary
 
@@ -56,6 +57,23 @@ def test_rules_unit_tests(promtool: str) -> None:
     rules yield for known input, and when each alert fires (and does not)."""
     result = run(promtool, "test", "rules", str(RULES_TEST))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_outbound_rules_have_unit_tests() -> None:
+    """Each outbound rule in rules.yml is exercised by rules_test.yml: the recording rule by
+    an expected value, each alert both firing and staying quiet."""
+    shipped = [r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
+    cases = yaml.safe_load(RULES_TEST.read_text())["tests"]
+    exprs = [t["expr"] for c in cases for t in c.get("promql_expr_test", [])]
+    alert_tests = [t for c in cases for t in c.get("alert_rule_test", [])]
+    outbound = [r for r in shipped if "outbound" in r.get("record", r.get("alert", "")).lower()]
+    assert len(outbound) >= 4, outbound
+    for r in outbound:
+        if "record" in r:
+            assert any(r["record"] in e for e in exprs), r["record"]
+        else:
+            outcomes = [bool(t["exp_alerts"]) for t in alert_tests if t["alertname"] == r["alert"]]
+            assert True in outcomes and False in outcomes, r["alert"]
 
 
 def test_dashboard_expressions_parse(promtool: str, tmp_path: Path) -> None:

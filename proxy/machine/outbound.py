@@ -75,10 +75,11 @@ def _fail_reply(code: str, why: str) -> Reply:
 
 @dataclass(frozen=True, slots=True)
 class ConnectMx:
-    """Connect to the original destination. ``early``: bytes to put in the SYN (TCP Fast
-    Open); empty without."""
+    """Connect to the original destination. ``early``: bytes to write the moment the
+    connection is up, before anything else happens (in the SYN with ``fast_open``)."""
 
     early: bytes = b""
+    fast_open: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +108,10 @@ class Forget:
 
 @dataclass(frozen=True, slots=True)
 class Verified:
-    """The MX's real greeting matched the cache."""
+    """The MX's real greeting matched the cache. ``client_ehlo``: the MTA's EHLO line, if
+    the entry does not hold it yet (or held another)."""
+
+    client_ehlo: bytes = b""
 
 
 OutboundAction = (
@@ -121,6 +125,21 @@ OutboundAction = (
     | Forget
     | Verified
 )
+
+
+def _coalesced(actions: list[OutboundAction]) -> list[OutboundAction]:
+    """Adjacent writes to the same side as one: a pipelined group leaves in one segment,
+    and the replies to it reach the MTA in one (verdict if any part is one)."""
+    out: list[OutboundAction] = []
+    for action in actions:
+        last = out[-1] if out else None
+        if isinstance(action, SendUpstream) and isinstance(last, SendUpstream):
+            out[-1] = SendUpstream(last.data + action.data)
+        elif isinstance(action, SendClient) and isinstance(last, SendClient):
+            out[-1] = SendClient(last.data + action.data, last.verdict or action.verdict)
+        else:
+            out.append(action)
+    return out
 
 
 class Mode(Enum):
@@ -277,19 +296,24 @@ class OutboundMachine:
     # ------------------------------------------------------------ entry points
 
     def start(self, now: float) -> list[OutboundAction]:
+        if self.greeting is None:
+            return [ConnectMx()]  # the driver bounds the connect itself
+        line = self.greeting.client_ehlo
         if self.fast_open:
-            assert self.greeting is not None
             self.mode = Mode.SERVE
             self._idle(now)
             banner = SendClient(self.greeting.banner.to_bytes())
-            line = self.greeting.client_ehlo
             if not line:
                 return [banner]  # connect once the group is taken, all of it in the SYN
             # The MTA's EHLO in the SYN; the banner served meanwhile.
+            self._pending.append(_Pending(_Kind.BANNER))
             self._pre_ehlo(line)
-            self._pending.appendleft(_Pending(_Kind.BANNER))
-            return [ConnectMx(early=line), banner]
-        return [ConnectMx()]  # the driver bounds the connect itself
+            return [ConnectMx(early=line, fast_open=True), banner]
+        if line:  # written the moment the connection is up: the MX sees it before it greets
+            self._pending.append(_Pending(_Kind.BANNER))
+            self._pre_ehlo(line)
+            return [ConnectMx(early=line)]
+        return [ConnectMx()]
 
     def _pre_ehlo(self, line: bytes) -> None:
         """The EHLO the MTA sent last time goes before the MX's banner, as an early-pipelining
@@ -301,6 +325,9 @@ class OutboundMachine:
         self.log.path = "early"
 
     def handle(self, event: Event, now: float) -> list[OutboundAction]:
+        return _coalesced(self._handle(event, now))
+
+    def _handle(self, event: Event, now: float) -> list[OutboundAction]:
         if self.mode is Mode.DONE:
             return []
         if isinstance(event, ClientData):
@@ -337,13 +364,10 @@ class OutboundMachine:
                 self._reply_deadline(now)
             return self._send_unsent()
         self.mode = Mode.SERVE
-        self._pending.append(_Pending(_Kind.BANNER))
+        if not self._pending:  # no EHLO went with the connect
+            self._pending.append(_Pending(_Kind.BANNER))
         self._idle(now)
-        actions: list[OutboundAction] = [SendClient(self.greeting.banner.to_bytes())]
-        if self.greeting.client_ehlo:
-            self._pre_ehlo(self.greeting.client_ehlo)
-            actions.append(SendUpstream(self.greeting.client_ehlo))
-        return actions + self._frame_mta(now)
+        return [SendClient(self.greeting.banner.to_bytes()), *self._frame_mta(now)]
 
     def _connect_failed(self, reason: str) -> list[OutboundAction]:
         self.log.outcome = "connect-failed"
@@ -366,10 +390,13 @@ class OutboundMachine:
         """The MX went away or went silent: the MTA gets a 421 (a deferral), unless it had
         said QUIT and misses only the 221."""
         self.log.outcome = outcome
-        if self._failed is None and not (self._pending and self._pending[-1].verb == "QUIT"):
+        waiting = self._body or any(
+            p.kind is _Kind.RELAY and p.verb != "QUIT" for p in self._pending
+        )
+        if self._failed is None and waiting:
             self.log.failure = self.log.failure or MX_CLOSED.text
             return [SendClient(MX_CLOSED.to_bytes()), *self._end()]
-        return self._end()
+        return self._end()  # the MTA waits for nothing: the close says it all
 
     def _end(self) -> list[OutboundAction]:
         self.mode = Mode.DONE
@@ -383,10 +410,11 @@ class OutboundMachine:
             # The message is with the MX: its verdict first, or the MTA sends it again.
             self._stop_after_verdict = True
             return []
-        if self.mode is Mode.TRACK and self._failed is None and not self._body:
-            self.log.outcome = "shutdown"
-            return [SendClient(SHUTTING_DOWN.to_bytes()), *self._end()]
         self.log.outcome = "shutdown"
+        greeted = self.mode in (Mode.SERVE, Mode.GATHER, Mode.TRACK) and self._failed is None
+        if greeted and not (self._observe and self._real_banner is None):
+            # The MX, closed before any end of data, drops what it has of a message.
+            return [SendClient(SHUTTING_DOWN.to_bytes()), *self._end()]
         return self._end()
 
     # ------------------------------------------------------------ time
@@ -512,7 +540,8 @@ class OutboundMachine:
             self._early = True
             self.log.path = "early"
             self._pending.appendleft(_Pending(_Kind.BANNER))
-            return [ConnectMx(early=b"".join(p.line for p in self._pending))]
+            early = b"".join(p.line for p in self._pending)
+            return [ConnectMx(early=early, fast_open=True)]
         if self._early and not self._checked and self._connected and not self._retried:
             # Behind the early EHLO, before the MX's banner: as Exim's client does.
             group = [p for p in self._pending if not p.sent and p.kind is _Kind.RELAY]
@@ -598,8 +627,10 @@ class OutboundMachine:
                 if self._observe:  # not ours to judge: the rest as it comes
                     return [*actions, SendClient(bytes(self._mx_raw)), *self._splice_now()]
                 self.log.outcome = "mx-protocol"
-                self.log.failure = exc.reply.text
-                return [*actions, SendClient(exc.reply.to_bytes()), *self._end()]
+                why = exc.reply.text.split(": ", 1)[-1]
+                reply = Reply.make(421, f"4.4.2 Remote server protocol error: {why}")
+                self.log.failure = reply.text
+                return [*actions, SendClient(reply.to_bytes()), *self._end()]
             if reply is None:
                 break
             # Lines of a reply leave the reader's buffer as they come: what is left in it
@@ -657,15 +688,13 @@ class OutboundMachine:
         self._changed = features(reply) != features(self.greeting.ehlo)
         if self._retried:
             pass  # the entry was dropped (a strike): the next miss learns, if it may
-        elif (
-            self._changed
-            or early_keywords(reply) != early_keywords(self.greeting.ehlo)
-            or self._ehlo_line != self.greeting.client_ehlo
-        ):
+        elif self._changed or early_keywords(reply) != early_keywords(self.greeting.ehlo):
             # Rewritten (or, without the keyword any more, dropped by the cache).
             self.log.invalidated = self.log.invalidated or "features"
             banner = self._real_banner or self.greeting.banner
             actions.append(Learn(banner, reply, self._ehlo_line))
+        elif self._ehlo_line != self.greeting.client_ehlo:
+            actions.append(Verified(self._ehlo_line))
         else:
             actions.append(Verified())
         if self._early and not self._retried:
@@ -744,13 +773,17 @@ class OutboundMachine:
         entry and do it again, in step, on a new connection."""
         self._retried = True
         self._early = False
+        self.log.early_used = False
+        self.log.round_trips_saved = 0
         self.log.path = "retried"
         self.log.invalidated = reason
         self._connected = False
         self._real_banner = None
         self._real_ehlo = None
         self._mx = ReplyReader(max_line=self._max_reply_line, max_lines=1000)
-        kept = [p for p in self._pending if p.kind not in (_Kind.BANNER, _Kind.SWALLOW)]
+        kept = [p for p in self._pending if p.kind is _Kind.RELAY]
+        if self._ehlo_line:  # answered or not, the new connection needs it first
+            kept.insert(0, _Pending(_Kind.EHLO, "EHLO", self._ehlo_line))
         for p in kept:
             p.sent = False
         self._pending = deque(kept)

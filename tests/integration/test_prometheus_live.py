@@ -214,13 +214,17 @@ def test_live_prometheus_rules_dashboard_and_alert(
         ),
     }
     ratio = "pipeconnect:early_pipelining_use_ratio:rate5m"
+    # outbound mode is off here: its ratio has no outbound session to divide by
+    outbound_ratio = "pipeconnect:outbound_early_ratio:rate5m"
     shipped_records = {
         r["record"]
         for g in yaml.safe_load(RULES.read_text())["groups"]
         for r in g["rules"]
         if "record" in r
     }
-    assert shipped_records == {*recorded, ratio}, "a new recording rule needs an expectation"
+    assert shipped_records == {*recorded, ratio, outbound_ratio}, (
+        "a new recording rule needs an expectation"
+    )
 
     seen: dict[str, Any] = {}
 
@@ -255,6 +259,7 @@ def test_live_prometheus_rules_dashboard_and_alert(
         rules_have_traffic_values,
         DEADLINE,
     )
+    assert prom.query(f"{outbound_ratio}{{{sel}}}") == []  # absent, not NaN
     print("recorded:", seen)
     assert seen["pipeconnect:sync_errors:rate5m"] == 0  # a sample, at 0: none refused
     # 3 in 5 minutes, extrapolated up by at most 1.1 scrape intervals past a sampled
@@ -263,6 +268,20 @@ def test_live_prometheus_rules_dashboard_and_alert(
 
     # ------------------------------------------------------------ the dashboard's queries
     exprs = [(where, substitute(expr)) for where, expr in dashboard_exprs(load_dashboard())]
+    # Outbound mode is off in this test: its labelled series do not exist (they are exported
+    # at 0 only with an outbound listener), so the queries over them have no data, ever;
+    # its unlabelled counters and gauge are there at 0 and answer like the rest.
+    outbound_off = (
+        "pipeconnect_outbound_sessions_total",
+        "pipeconnect_outbound_cache_lookups_total",
+        "pipeconnect_outbound_cache_invalidations_total",
+        "pipeconnect_outbound_refused_total",
+    )
+    off = {w for w, e in exprs if any(name in e for name in outbound_off)}
+    assert off, "the dashboard has an outbound row"
+    for where in off:
+        assert not prom.query(dict(exprs)[where]), where
+    exprs = [(w, e) for w, e in exprs if w not in off]
     # No data yet by definition with these three cleartext deliveries; step 2 makes it.
     no_data_yet = {
         "pipeconnect_tls_handshakes_total{": "no TLS handshake yet",

@@ -121,6 +121,11 @@ def test_design_sketch_loads(tmp_path: Path) -> None:
     assert config.pipe_connect.advertise_hosts.matches("192.0.2.1")
 
 
+NEED_LISTENER = (
+    "at least one listener is required (plain, tls_on_connect, or outbound.listen with"
+    " outbound.enabled)"
+)
+
 FULL = """
 [listen]
 plain = ["127.0.0.1:2587", "[::1]:2587"]
@@ -243,7 +248,7 @@ def test_every_key(tmp_path: Path) -> None:
 
 def test_outbound_only_and_its_checks(tmp_path: Path) -> None:
     base = '[upstream]\naddress = "127.0.0.1:25"\n'
-    only = load_config(write(tmp_path, base + '[outbound]\nenabled = true\n'))
+    only = load_config(write(tmp_path, base + "[outbound]\nenabled = true\n"))
     assert only.outbound.listen == (Address("127.0.0.1", 10025),)
     with pytest.raises(ConfigError) as exc:
         load_config(write(tmp_path, base + "[outbound]\nenabled = false\n"))
@@ -445,14 +450,14 @@ def test_metrics_listen_bad() -> None:
 def test_listen_section_required() -> None:
     data = base()
     del data["listen"]
-    assert error(data) == "listen: at least one listener is required (plain, tls_on_connect, or outbound.listen with outbound.enabled)"
+    assert error(data) == "listen: " + NEED_LISTENER
 
 
 @pytest.mark.parametrize("listen", [{}, {"plain": []}, {"plain": [], "tls_on_connect": []}])
 def test_at_least_one_listener(listen: dict[str, Any]) -> None:
     data = base()
     data["listen"] = listen
-    assert error(data) == "listen: at least one listener is required (plain, tls_on_connect, or outbound.listen with outbound.enabled)"
+    assert error(data) == "listen: " + NEED_LISTENER
 
 
 def test_tls_on_connect_alone_is_enough() -> None:
@@ -893,7 +898,7 @@ def test_empty_file(tmp_path: Path) -> None:
         load_config(write(tmp_path, ""))
     assert [str(e) for e in info.value.errors] == [
         "upstream.address: is required",
-        "listen: at least one listener is required (plain, tls_on_connect, or outbound.listen with outbound.enabled)",
+        "listen: " + NEED_LISTENER,
     ]
 
 
