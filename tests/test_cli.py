@@ -141,7 +141,63 @@ def test_check_config_json_ok(tmp_path: Path) -> None:
         "client_identity": "proxy-v2",
         "metrics": "127.0.0.1:9464",
         "workers": 1,
+        "outbound": None,
     }
+
+
+OUTBOUND = """
+[upstream]
+address = "127.0.0.1:2525"
+[outbound]
+enabled = true
+listen = ["127.0.0.1:10025", "[::1]:10025"]
+cache = "{cache}"
+"""
+
+
+def test_check_config_shows_the_outbound_listeners(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.toml"
+    path.write_text(OUTBOUND.format(cache=tmp_path / "c.sqlite"))
+    result = run_cli("check-config", "--json", str(path))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["outbound"] == ["127.0.0.1:10025", "[::1]:10025"]
+    text = run_cli("check-config", str(path))
+    assert "outbound: 127.0.0.1:10025, [::1]:10025" in text.stdout
+
+
+def test_cache_list_and_flush(tmp_path: Path) -> None:
+    from proxy.ehlocache import EhloCache
+    from proxy.smtp import Reply
+
+    db = tmp_path / "c.sqlite"
+    path = tmp_path / "proxy.toml"
+    path.write_text(OUTBOUND.format(cache=db))
+    cache = EhloCache(str(db))
+    banner = Reply.make(220, "mx.example ESMTP")
+    ehlo = Reply.make(250, "mx.example", "PIPELINING", "PIPECONNECT")
+    for dest in ("192.0.2.1", "192.0.2.2"):
+        assert cache.learn("10.0.0.1", dest, 25, banner, ehlo, 1.7e9, b"EHLO mta.test\r\n")
+    listed = run_cli("cache", "list", "--json", "--config", str(path))
+    assert listed.returncode == 0, listed.stderr
+    entries = json.loads(listed.stdout)
+    assert [e["dest"] for e in entries] == ["192.0.2.1:25", "192.0.2.2:25"]
+    assert entries[0]["client_ehlo"] == "EHLO mta.test"
+    assert entries[0]["ehlo"].startswith("250-mx.example\r\n")
+    one = run_cli("cache", "list", "192.0.2.2", "--file", str(db))
+    assert "dest=192.0.2.2:25" in one.stdout and "192.0.2.1" not in one.stdout
+    flushed = run_cli("cache", "flush", "192.0.2.1", "--config", str(path))
+    assert flushed.stdout.startswith("1 entries flushed"), flushed
+    assert [e.dest for e in EhloCache(str(db)).entries()] == ["192.0.2.2"]
+    assert run_cli("cache", "flush", "--file", str(db)).stdout.startswith("1 entries")
+    assert EhloCache(str(db)).entries() == []
+
+
+def test_cache_on_an_unusable_file_says_so(tmp_path: Path) -> None:
+    bad = tmp_path / "not-a-db"
+    bad.write_bytes(b"garbage, not SQLite" * 100)
+    result = run_cli("cache", "list", "--file", str(bad))
+    assert result.returncode == 1
+    assert str(bad) in result.stderr
 
 
 def test_serve_reports_every_error(tmp_path: Path) -> None:
