@@ -259,7 +259,7 @@ class OutboundMachine:
         self.mode = Mode.CONNECTING
         self.deadline: float | None = None
         self.log = OutboundLog(cache="hit" if greeting is not None else "miss")
-        self._mx = ReplyReader(max_line=max_reply_line, max_lines=1000)
+        self._mx = ReplyReader(max_line=max_reply_line)
         self._mta = bytearray()  # MTA bytes not yet framed
         self._pending: deque[_Pending] = deque()  # what the MX will answer, in order
         self._connected = False
@@ -620,6 +620,7 @@ class OutboundMachine:
         self._mx.feed(data)
         self._mx_raw += data
         actions: list[OutboundAction] = []
+        answered = False
         while self._pending and self.mode not in (Mode.DONE, Mode.SPLICE):
             try:
                 reply = self._mx.next_reply()
@@ -638,8 +639,16 @@ class OutboundMachine:
             size = len(self._mx_raw) - self._mx.buffered
             self._raw = bytes(self._mx_raw[:size])
             del self._mx_raw[:size]
+            answered = True
             actions += self._mx_reply(self._pending.popleft(), reply, now)
-        if self.mode is Mode.TRACK:
+        if self.mode is not Mode.TRACK:
+            return actions
+        if not self._pending and self._mx_raw and self._failed is None:
+            # Words nobody asked for (a 421 before closing, or an end of data the MX saw
+            # where the proxy did not): the two no longer agree on where the session is.
+            # The MTA gets them as they came and judges; the proxy only copies from now on.
+            return [*actions, SendClient(bytes(self._mx_raw)), *self._splice_now()]
+        if answered:  # a reply in: the next one has its own time (a trickle gains none)
             if self._pending:
                 self._reply_deadline(now)
             else:
@@ -780,7 +789,7 @@ class OutboundMachine:
         self._connected = False
         self._real_banner = None
         self._real_ehlo = None
-        self._mx = ReplyReader(max_line=self._max_reply_line, max_lines=1000)
+        self._mx = ReplyReader(max_line=self._max_reply_line)
         kept = [p for p in self._pending if p.kind is _Kind.RELAY]
         if self._ehlo_line:  # answered or not, the new connection needs it first
             kept.insert(0, _Pending(_Kind.EHLO, "EHLO", self._ehlo_line))
