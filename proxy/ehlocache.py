@@ -103,7 +103,9 @@ def _is_ehlo_line(line: object) -> bool:
     return isinstance(line, bytes) and _EHLO_LINE.fullmatch(line) is not None
 
 
-def _parse(data: bytes) -> Reply:
+def _parse(data: object) -> Reply:
+    if not isinstance(data, bytes):  # a row written by something else: a miss, replaced
+        return Reply.make(0, "unreadable cache entry")
     reader = ReplyReader(max_line=65536, max_lines=1000)
     reader.feed(data)
     try:
@@ -119,18 +121,29 @@ class EhloCache:
     def __init__(self, path: str, *, ttl: float = DEFAULT_TTL) -> None:
         self.path = path
         self.ttl = ttl
-        with self._db() as db:
+        with self._db(write=False) as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(_SCHEMA)
 
     @contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
+    def _db(self, *, write: bool = True) -> Iterator[sqlite3.Connection]:
         # A connection per call: workers are separate processes, and an idle open
-        # connection would hold nothing worth keeping. The transaction commits on success.
-        with closing(sqlite3.connect(self.path, timeout=2.0)) as db, db:
+        # connection would hold nothing worth keeping. A write is one IMMEDIATE
+        # transaction, its reads included, so two workers' read-modify-writes (a learn, a
+        # strike) cannot interleave; readers never wait for a writer in WAL mode.
+        with closing(sqlite3.connect(self.path, timeout=2.0, isolation_level=None)) as db:
             # WAL without an fsync per commit: a lost entry after a crash is a cache miss.
             db.execute("PRAGMA synchronous=NORMAL")
-            yield db
+            if not write:
+                yield db
+                return
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
 
     def _row(self, db: sqlite3.Connection, key: tuple[str, str, int]) -> Entry | None:
         row = db.execute(
@@ -142,16 +155,17 @@ class EhloCache:
         if row is None:
             return None
         source, dest, port, banner, ehlo, learned, verified, strikes, blocked, client = row
+        try:
+            times = (float(learned), float(verified), int(strikes), float(blocked))
+        except (TypeError, ValueError):  # not written by us: unreadable, replaced by a learn
+            times, banner, ehlo = (0.0, 0.0, 0, 0.0), None, None
         return Entry(
-            source,
-            dest,
-            port,
+            str(source),
+            str(dest),
+            int(port),
             _parse(banner),
             _parse(ehlo),
-            learned,
-            verified,
-            strikes,
-            blocked,
+            *times,
             bytes(client) if _is_ehlo_line(client) else b"",
         )
 
@@ -160,7 +174,7 @@ class EhloCache:
     def lookup(self, source: str, dest: str, port: int, now: float) -> Entry | None:
         """The entry to serve early pipelining from, or None: none, expired, blocked, or
         unreadable (a miss: the session relays and learns)."""
-        with self._db() as db:
+        with self._db(write=False) as db:
             entry = self._row(db, (source, dest, port))
         if entry is None or not entry.usable or now - entry.learned > self.ttl:
             return None
@@ -245,7 +259,7 @@ class EhloCache:
     # -- what the operator asks (pipeconnect-proxy cache list|flush [DEST])
 
     def entries(self) -> list[Entry]:
-        with self._db() as db:
+        with self._db(write=False) as db:
             keys = db.execute("SELECT source, dest, port FROM ehlo ORDER BY dest, port, source")
             rows = [self._row(db, key) for key in keys.fetchall()]
         return [row for row in rows if row is not None]

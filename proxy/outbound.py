@@ -24,7 +24,7 @@ import trio
 
 from .addresses import Endpoint, unmap
 from .config import Config, OutboundConfig
-from .ehlocache import EhloCache, Entry
+from .ehlocache import EhloCache, Entry, cacheable
 from .machine.events import (
     ClientBroken,
     ClientData,
@@ -66,6 +66,7 @@ _TCP_FASTOPEN_CONNECT = getattr(socket, "TCP_FASTOPEN_CONNECT", 30)
 _SOCKADDR_IN = struct.Struct("!2xH4s8x")
 _SOCKADDR_IN6 = struct.Struct("!2xH4x16s4x")
 READ_SIZE = 65536
+CACHE_WRITE_TIMEOUT = 5.0
 
 NOT_INTERCEPTED = Reply.make(
     421, "4.3.0 This port takes only connections redirected to it (outbound mode)"
@@ -92,8 +93,12 @@ def original_destination(sock: socket.socket | trio.socket.SocketType) -> Endpoi
 
 class Cache:
     """The EHLO cache as sessions use it: a broken cache file (corrupt, unwritable, a
-    full disk) never stops mail. The session relays without caching and the proxy says so
-    once per process, then once more if the file recovers and breaks again."""
+    full disk, locked) never stops mail. The session relays without caching and the proxy
+    says so once, then once more if the file recovers and breaks again.
+
+    Lookups are synchronous (one indexed read; WAL readers never wait for a writer). A
+    session's writes are made when it ends, in a thread (``write``): a slow or locked file
+    never holds up the event loop, and no reply waits for one."""
 
     def __init__(self, path: str, ttl: float, metrics: Metrics) -> None:
         self.path = path
@@ -107,7 +112,7 @@ class Cache:
             self._cache = EhloCache(self.path, ttl=self.ttl)
         return self._cache
 
-    def _failed(self, exc: Exception) -> None:
+    def _failed(self, exc: BaseException) -> None:
         self.metrics.outbound_cache_errors.inc()
         if not self._broken:
             self._broken = True
@@ -133,22 +138,25 @@ class Cache:
         self._ok()
         return entry
 
-    def apply(self, key: tuple[str, str, int], action: OutboundAction, now: float) -> bool:
-        """Carry out a Learn, Forget or Verified; for a Learn, whether it was stored."""
-        stored = False
+    async def write(self, key: tuple[str, str, int], actions: list[OutboundAction]) -> None:
+        """A session's Learn, Forget and Verified, in order, in a thread."""
         try:
-            cache = self._open()
+            await trio.to_thread.run_sync(self._apply, self._open(), key, actions)
+        except Exception as exc:
+            self._failed(exc)
+        else:
+            self._ok()
+
+    @staticmethod
+    def _apply(cache: EhloCache, key: tuple[str, str, int], actions: list[OutboundAction]) -> None:
+        now = time.time()
+        for action in actions:
             if isinstance(action, Learn):
-                stored = cache.learn(*key, action.banner, action.ehlo, now, action.client_ehlo)
+                cache.learn(*key, action.banner, action.ehlo, now, action.client_ehlo)
             elif isinstance(action, Forget):
                 cache.strike(*key, now, block=action.block)
             elif isinstance(action, Verified):
                 cache.verified(*key, now, client_ehlo=action.client_ehlo)
-        except Exception as exc:
-            self._failed(exc)
-            return False
-        self._ok()
-        return stored
 
 
 @dataclass
@@ -188,6 +196,7 @@ class OutboundSession:
         self.mx: trio.SocketStream | None = None
         self.record = OutboundRecord(mta, dest)
         self._lock = trio.Lock()
+        self._cache_writes: list[OutboundAction] = []
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         t = config.timeouts
@@ -228,6 +237,14 @@ class OutboundSession:
             await self._close_all()
             self.record.elapsed = trio.current_time() - started
             self._report()
+            await self._write_cache()
+
+    async def _write_cache(self) -> None:
+        writes, self._cache_writes = self._cache_writes, []
+        if writes:
+            # Shielded (a shutdown must not lose them) and bounded (a locked file).
+            with trio.CancelScope(shield=True), trio.move_on_after(CACHE_WRITE_TIMEOUT):
+                await self.cache.write(self.key, writes)
 
     # ------------------------------------------------------------ tasks
 
@@ -291,11 +308,12 @@ class OutboundSession:
             elif isinstance(action, CloseUpstream):
                 await self._close_mx()
             elif isinstance(action, CloseClient):
+                await self._write_cache()  # before the MTA sees the end: its next try knows
                 await self._close_all()
             elif isinstance(action, Learn | Forget | Verified):
-                stored = self.cache.apply(self.key, action, time.time())
-                if isinstance(action, Learn):
-                    self.machine.log.learned = stored
+                self._cache_writes.append(action)  # made when the session ends
+                if isinstance(action, Learn):  # what the cache will keep
+                    self.machine.log.learned = cacheable(action.banner, action.ehlo)
             elif isinstance(action, Splice):
                 pass  # the machine forwards from now on
             if follow is not None and not self.machine.done:
@@ -333,12 +351,14 @@ class OutboundSession:
             return UpstreamConnectFailed(reason)
         stream = trio.SocketStream(sock)
         self.mx = stream
-        if early:  # first: the MX must find it waiting when it is about to greet
+        # Known as ours before anything can yield: were the rule to send it back to us,
+        # the listener must recognise it at its very first accept.
+        local = sock.getsockname()
+        self.own.add((str(unmap(local[0])), local[1]))
+        if early:  # then at once: the MX must find it waiting when it is about to greet
             broken = await self._send(stream, early, UpstreamBroken(sending=True))
             if broken is not None:
                 return broken
-        local = sock.getsockname()
-        self.own.add((str(unmap(local[0])), local[1]))
         assert self._nursery is not None
         self._nursery.start_soon(self._read_mx, stream)
         return UpstreamConnected()

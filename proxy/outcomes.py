@@ -64,4 +64,5 @@ OUTBOUND_INVALIDATIONS = (
     "loop",  # the MX greets with the MTA's own name
     "features",  # rewritten: the EHLO reply changed
     "smtputf8",  # the MTA used SMTPUTF8, which the MX does not offer
+    "protocol",  # the MX's replies broke SMTP framing
 )

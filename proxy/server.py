@@ -117,6 +117,22 @@ def _endpoint(sockaddr: tuple[str, int] | tuple[str, int, int, int]) -> Endpoint
     return (str(unmap(sockaddr[0])), sockaddr[1])
 
 
+def check_socket_mark(mark: int) -> None:
+    """``outbound.socket_mark`` needs CAP_NET_ADMIN: without it every connection to an MX
+    would fail and all outbound mail be deferred. Better not to start, and say why."""
+    with socket.socket() as probe:
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_MARK", 36), mark)
+        except OSError as exc:
+            log.error(
+                "outbound.socket_mark = %#x cannot be set (%s): it needs CAP_NET_ADMIN; "
+                "give the proxy that capability or use a uid rule (socket_mark = 0)",
+                mark,
+                exc,
+            )
+            raise SystemExit(2) from exc
+
+
 class Bound(list[Endpoint]):
     """What ``serve`` reports once it listens: the SMTP endpoints (a list, as before),
     plus ``metrics``, the metrics/health endpoint (``None`` when disabled or unbindable),
@@ -218,6 +234,8 @@ async def serve(
 
     plain = await listeners_for(config.listen.plain)
     implicit = await listeners_for(config.listen.tls_on_connect)
+    if config.outbound.enabled and config.outbound.socket_mark:
+        check_socket_mark(config.outbound.socket_mark)
     outbound_listeners: list[trio.SocketListener] = []
     if config.outbound.enabled:  # the MTA on the same host sends no SYN data
         outbound_listeners = await listeners_for(config.outbound.listen, fast_open=False)

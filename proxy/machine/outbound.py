@@ -170,6 +170,13 @@ def _verb(line: bytes) -> str:
     return line.split(b" ", 1)[0].strip().upper().decode("ascii", "replace")
 
 
+def _asks_smtputf8(mail: bytes) -> bool:
+    """Whether a MAIL line carries the SMTPUTF8 parameter (not merely the word, in an
+    address): the parameters follow the path's closing ``>``."""
+    params = mail.rpartition(b">")[2].upper().split()
+    return any(p == b"SMTPUTF8" or p.startswith(b"SMTPUTF8=") for p in params)
+
+
 def _greeting_name(reply: Reply) -> bytes:
     return reply.lines[0].split(b" ", 1)[0].lower()
 
@@ -282,6 +289,7 @@ class OutboundMachine:
         self._observe = greeting is None
         self._mx_raw = bytearray()  # the MX's bytes, as they came, not yet relayed
         self._raw = b""  # the reply being handled, as the MX wrote it
+        self._mta_closed = False  # the MTA half-closed: what it waits for, then the end
 
     # ------------------------------------------------------------ what the driver asks
 
@@ -340,10 +348,14 @@ class OutboundMachine:
             return self._connect_failed(event.reason)
         if isinstance(event, UpstreamEof | UpstreamBroken):
             return self._mx_gone(now)
-        if isinstance(event, ClientEof | ClientBroken):
-            self.log.outcome = "mta-closed" if isinstance(event, ClientEof) else "mta-gone"
+        if isinstance(event, ClientEof):
+            return self._mta_done()
+        if isinstance(event, ClientBroken):
+            self.log.outcome = "mta-gone"
             return self._end()
         if isinstance(event, DeadlinePassed):
+            if self.deadline is None or now < self.deadline:
+                return []  # it moved while the event was on its way
             return self._deadline(now)
         if isinstance(event, Shutdown):
             return self._shutdown()
@@ -404,6 +416,19 @@ class OutboundMachine:
         if self.log.outcome == "open":
             self.log.outcome = "closed"
         return [CloseUpstream(), CloseClient()]
+
+    def _mta_done(self) -> list[OutboundAction]:
+        """The MTA closed its side. An MTA that half-closes behind a pipelined QUIT (Exim
+        does) still reads: its message's verdict and the rest of the replies go to it."""
+        self._mta_closed = True
+        if self._waiting_mx and self._failed is None and not self._body:
+            return self._send_unsent()
+        self.log.outcome = "mta-closed"
+        return self._end()
+
+    @property
+    def _waiting_mx(self) -> bool:
+        return bool(self._held_quit) or any(p.kind is _Kind.RELAY for p in self._pending)
 
     def _shutdown(self) -> list[OutboundAction]:
         if any(p.verb == "." for p in self._pending):
@@ -520,7 +545,7 @@ class OutboundMachine:
         self._ehlo_line = line
         ehlo = _Pending(_Kind.EHLO, "EHLO", line)
         self._pending.append(ehlo)
-        if self._connected and self._real_banner is None:
+        if self._connected and self._real_banner is None and not self._retried:
             # The MX has not spoken: the EHLO goes now, the group behind it when complete.
             ehlo.sent = self._early = True
             self.log.path = "early"
@@ -586,6 +611,7 @@ class OutboundMachine:
         return [SendUpstream(b"".join(out))] if out else []
 
     def _body_bytes(self, now: float) -> list[OutboundAction]:
+        self._idle(now)  # a message that keeps flowing is never cut
         window = self._tail + bytes(self._mta)
         end = window.find(b"\r\n.\r\n")
         if end < 0:
@@ -606,6 +632,9 @@ class OutboundMachine:
         self.mode = Mode.SPLICE
         self.deadline = None
         actions: list[OutboundAction] = [Splice()]
+        if self._held_quit:
+            actions.append(SendUpstream(self._held_quit))
+            self._held_quit = b""
         if self._mta:
             actions.append(SendUpstream(bytes(self._mta)))
             self._mta.clear()
@@ -625,13 +654,19 @@ class OutboundMachine:
             try:
                 reply = self._mx.next_reply()
             except ProtocolError as exc:
-                if self._observe:  # not ours to judge: the rest as it comes
-                    return [*actions, SendClient(bytes(self._mx_raw)), *self._splice_now()]
+                if self._observe or self._checked:
+                    # Not ours to judge (the MTA may well read it, an acceptance included):
+                    # the rest as it comes. On a hit the entry goes: a hit would meet it
+                    # again where a miss, relaying, lets the MTA decide.
+                    forget: list[OutboundAction] = [] if self._observe else [Forget("protocol")]
+                    if forget:
+                        self.log.invalidated = "protocol"
+                    raw = SendClient(bytes(self._mx_raw))
+                    return [*actions, *forget, raw, *self._splice_now()]
                 self.log.outcome = "mx-protocol"
                 why = exc.reply.text.split(": ", 1)[-1]
-                reply = Reply.make(421, f"4.4.2 Remote server protocol error: {why}")
-                self.log.failure = reply.text
-                return [*actions, SendClient(reply.to_bytes()), *self._end()]
+                fail = _fail_reply("4.4.2", f"Remote server protocol error: {why}")
+                return [*actions, *self._give_up("protocol", fail)]
             if reply is None:
                 break
             # Lines of a reply leave the reader's buffer as they come: what is left in it
@@ -662,7 +697,7 @@ class OutboundMachine:
             return self._check_ehlo(reply, now)
         if pending.kind is _Kind.SWALLOW:
             return self._send_unsent()
-        return self._relay(pending, reply)
+        return self._relay(pending, reply, now)
 
     def _check_banner(self, reply: Reply, now: float) -> list[OutboundAction]:
         self._real_banner = reply
@@ -716,7 +751,7 @@ class OutboundMachine:
                     actions.append(SendClient(NO_TLS.to_bytes()))
         return actions + self._send_unsent()
 
-    def _relay(self, pending: _Pending, reply: Reply) -> list[OutboundAction]:
+    def _relay(self, pending: _Pending, reply: Reply, now: float) -> list[OutboundAction]:
         if pending.verb == "STARTTLS" and pending.kind is _Kind.RELAY and not self._offers_tls:
             # Sent early, before the MX said it no longer offers TLS: the MTA gets 454.
             if reply.code == 220:  # and yet it starts TLS: the two ends cannot agree now
@@ -728,7 +763,7 @@ class OutboundMachine:
         real = ehlo_keywords(self._real_ehlo) if self._real_ehlo is not None else {}
         if (
             pending.verb == "MAIL"
-            and b"SMTPUTF8" in pending.line.upper()
+            and _asks_smtputf8(pending.line)
             and self._checked
             and "SMTPUTF8" not in real
         ):
@@ -753,7 +788,8 @@ class OutboundMachine:
         if pending.verb == "DATA" and reply.code == 354:
             self._body = True
             self._tail = b"\r\n"
-            actions += self._frame_mta_later()
+            if self._mta:  # message data the MTA sent with (or right behind) DATA
+                actions += self._frame_mta(now)
         elif pending.verb == "STARTTLS" and reply.code == 220:
             return actions + self._splice_now()
         elif pending.verb == ".":
@@ -769,11 +805,11 @@ class OutboundMachine:
         if reply.code == 421 and pending.verb != "QUIT":
             self.log.outcome = "mx-421"
             return actions + self._end()
-        return actions + self._send_unsent()
-
-    def _frame_mta_later(self) -> list[OutboundAction]:
-        # Message data the MTA sent with (or right behind) DATA: the MX has said 354 now.
-        return self._body_bytes(0.0) if self._mta else []
+        actions += self._send_unsent()
+        if self._mta_closed and not self._waiting_mx and self.mode is not Mode.DONE:
+            self.log.outcome = "mta-closed"
+            actions += self._end()
+        return actions
 
     # ------------------------------------------------------------ when the cache was wrong
 
@@ -821,10 +857,13 @@ class OutboundMachine:
         self._pending.clear()
         self._connected = False
         actions: list[OutboundAction] = [CloseUpstream()]
-        actions += [SendClient(reply.to_bytes()) for _ in waiting]
-        if self._held_quit:
+        for p in waiting:
+            if p.verb == "QUIT":
+                return actions + self._answer_locally("QUIT")
+            actions.append(SendClient(reply.to_bytes()))
+        if self._held_quit or self._mta_closed:
             self._held_quit = b""
-            actions += self._answer_locally("QUIT")
+            return actions + self._answer_locally("QUIT")
         return actions
 
     # ------------------------------------------------------------ learning on a miss

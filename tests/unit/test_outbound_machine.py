@@ -874,17 +874,28 @@ def test_mx_closes_during_the_message(sent: bytes) -> None:
     assert run.to_mx == EHLO + GROUP + sent
 
 
-def test_mx_protocol_error_on_a_hit_defers() -> None:
-    """Not SMTP from the MX after the cached greeting was served: the MTA waits on the
-    proxy, so it gets a 421 (never a 5xx), and the session ends."""
+def test_mx_protocol_error_on_a_hit_before_the_check_defers() -> None:
+    """Not SMTP where the MX's EHLO reply should be: the MTA, which has the cached
+    greeting, gets a 4xx for each command it waits on (never a 5xx); the entry goes."""
+    run = early_session()
+    actions = run.mx(BANNER.to_bytes() + b"hello there\r\n")
+    fail = b"451 4.4.2 Remote server protocol error: malformed reply line\r\n"
+    assert actions == [Forget("protocol"), CloseUpstream(), SendClient(fail * 4)]
+    assert run.mta(QUIT) == [SendClient(b"221 2.0.0 Bye\r\n"), CloseUpstream(), CloseClient()]
+
+
+def test_mx_protocol_error_on_a_hit_after_the_check_is_relayed() -> None:
+    """Once the real greeting was checked the session is as good as relayed: bytes the
+    proxy cannot frame (an acceptance the MTA may well read) reach it as they came, the
+    proxy copies from then on, and the entry goes (a later hit would meet them again)."""
     run = early_session()
     run.mx(BANNER.to_bytes() + EHLO_REPLY.to_bytes())
     assert run.mx(b"hello there\r\n") == [
-        SendClient(b"421 4.4.2 Remote server protocol error: malformed reply line\r\n"),
-        CloseUpstream(),
-        CloseClient(),
+        Forget("protocol"),
+        SendClient(b"hello there\r\n"),
+        Splice(),
     ]
-    assert run.machine.done
+    assert run.machine.spliced
 
 
 def test_mx_protocol_error_on_a_miss_is_relayed() -> None:
@@ -1084,11 +1095,25 @@ def test_shutdown_after_the_cached_greeting(greeting: Greeting, stage: str) -> N
     assert run.machine.done
 
 
-def test_mta_eof_ends() -> None:
+def test_mta_eof_while_idle_ends() -> None:
     run = early_session()
+    run.mx(BANNER.to_bytes() + EHLO_REPLY.to_bytes() + MAIL_OK + RCPT_OK + RCPT_OK + GO_AHEAD)
+    run.mta(MESSAGE)
+    run.mx(QUEUED)
     assert run.feed(ClientEof()) == [CloseUpstream(), CloseClient()]
     assert run.machine.done
-    assert run.mx(BANNER.to_bytes()) == []
+    assert run.mx(BYE) == []
+
+
+def test_mta_eof_while_it_waits_gets_its_replies_first() -> None:
+    """An MTA that half-closes behind its commands (Exim does, behind a pipelined QUIT)
+    still reads: what it waits for reaches it, then the session ends."""
+    run = early_session()
+    assert run.feed(ClientEof()) == []
+    out = run.mx(BANNER.to_bytes() + EHLO_REPLY.to_bytes() + MAIL_OK + RCPT_OK + RCPT_OK)
+    assert io(out) == [SendClient(MAIL_OK + RCPT_OK + RCPT_OK)]  # and nothing closed
+    assert run.mx(GO_AHEAD) == [SendClient(GO_AHEAD), CloseUpstream(), CloseClient()]
+    assert run.machine.done
 
 
 # ---------------------------------------------------------------- property: whole sessions
