@@ -121,22 +121,26 @@ class EhloCache:
     def __init__(self, path: str, *, ttl: float = DEFAULT_TTL) -> None:
         self.path = path
         self.ttl = ttl
-        with self._db(write=False) as db:
+        self._reader: sqlite3.Connection | None = None
+        with closing(sqlite3.connect(self.path, timeout=2.0, isolation_level=None)) as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(_SCHEMA)
 
     @contextmanager
     def _db(self, *, write: bool = True) -> Iterator[sqlite3.Connection]:
-        # A connection per call: workers are separate processes, and an idle open
-        # connection would hold nothing worth keeping. A write is one IMMEDIATE
-        # transaction, its reads included, so two workers' read-modify-writes (a learn, a
-        # strike) cannot interleave; readers never wait for a writer in WAL mode.
+        # Reads share one connection, kept open (a session's lookup is on the event loop:
+        # opening a connection costs ten times the query). In autocommit each statement
+        # reads the latest commit, and WAL readers never wait for a writer. A write gets
+        # a connection of its own (it runs in a thread) and is one IMMEDIATE transaction,
+        # its reads included, so two workers' read-modify-writes cannot interleave.
+        if not write:
+            if self._reader is None:
+                self._reader = sqlite3.connect(self.path, timeout=2.0, isolation_level=None)
+            yield self._reader
+            return
         with closing(sqlite3.connect(self.path, timeout=2.0, isolation_level=None)) as db:
             # WAL without an fsync per commit: a lost entry after a crash is a cache miss.
             db.execute("PRAGMA synchronous=NORMAL")
-            if not write:
-                yield db
-                return
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db

@@ -383,6 +383,14 @@ def make_world() -> Iterator[WorldFactory]:
         ns = Namespace().create()
         mx = MX6 if ipv6 else MX4
         exim_kwargs = dict(exim or {})
+        # Exim decides "early" when it is about to greet: is input already waiting? Over any
+        # network path the proxy's early bytes arrive with the accept (sent the moment the
+        # handshake completes), a millisecond or more before Exim greets. On loopback, on a
+        # loaded 2-core machine, Exim's forked child can greet within the microseconds
+        # before the proxy's event loop writes: a race no network has. A short greeting
+        # delay restores the network's order (as bench/delay.py does for the benchmarks);
+        # Exim's ACL times count whole seconds.
+        exim_kwargs.setdefault("connect_acl", "accept delay = 1s")
         pf_extra = {**SENDER_DEFAULTS, **(postfix or {})}
         try:
             if tls:
