@@ -11,6 +11,7 @@ matplotlib is importable. Needs root and `.ci/install` + `apt-get install haprox
     python -m bench --only p5       # real Postfix behind each relay (bench/postfix_load.py)
     python -m bench --only p1 --rtts 50 --sessions 30
     python -m bench --only attack,mixed   # issue 6: good sessions under attack; 10k-slot load
+    python -m bench --only p6       # issue 13: outbound mode, real Postfix -> proxy -> Exim
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from bench.peers import Floor, HAProxy, bench_proxy, missing_peers, raise_nofile
 from tests.mta import EximServer, Postfix, free_port, missing_software
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-PHASES = ("p1", "p4", "p2", "p3", "p5", "attack", "mixed")
+PHASES = ("p1", "p4", "p2", "p3", "p5", "attack", "mixed", "p6")
 
 
 def write_csv(path: Path, rows: Sequence[Any]) -> None:
@@ -159,6 +160,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--flooders", type=int, default=20, help="attack: pre-banner flood loops")
     ap.add_argument("--mixed-sessions", type=int, default=10000, help="mixed: concurrent slots")
     ap.add_argument("--mixed-seconds", type=float, default=60, help="mixed: duration")
+    ap.add_argument("--p6-rtts", nargs="+", default=["10", "50", "100"], help="P6 RTTs, ms")
+    ap.add_argument("--p6-messages", type=int, default=20, help="P6: per RTT, TLS and path")
+    ap.add_argument(
+        "--p6-tls", nargs="+", default=["cleartext", "starttls"], choices=["cleartext", "starttls"]
+    )
+    ap.add_argument(
+        "--p6-paths",
+        nargs="+",
+        default=["direct", "direct-noquit", "proxy", "proxy-tfo"],
+        choices=["direct", "direct-noquit", "proxy", "proxy-tfo"],
+    )
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--workdir", type=Path, help="for MTA spools and logs (default: a temp dir)")
     args = ap.parse_args(argv)
@@ -169,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         args.p5_messages, args.p5_rounds = 200, 1
         args.attack_sessions, args.slowloris, args.flooders = 10, 20, 2
         args.mixed_sessions, args.mixed_seconds = 60, 8
+        args.p6_rtts, args.p6_messages = ["10"], min(args.p6_messages, 2)
     phases = [p.strip() for p in args.only.split(",") if p.strip()]
     unknown = set(phases) - set(PHASES)
     if unknown:
@@ -220,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
                 from bench.mixed import phase_mixed
 
                 summary += phase_mixed(args, workdir, out, write_csv)
+            elif phase == "p6":
+                from bench.outbound import phase_p6
+
+                summary += phase_p6(args, workdir, out, write_csv)
             print(f"== {phase} done in {time.monotonic() - t0:.1f}s", flush=True)
     (out / "summary.md").write_text("\n".join(summary) + "\n")
     print("\n".join(summary))

@@ -34,6 +34,7 @@ __all__ = [
     "missing_peers",
     "raise_nofile",
     "rss_bytes",
+    "stop_process",
     "wait_listening",
 ]
 
@@ -74,7 +75,8 @@ def rss_bytes(pid: int) -> int:
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
 
 
-def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 10) -> None:
+def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL after `timeout` seconds; nothing if it is gone already."""
     if proc is None or proc.poll() is not None:
         return
     proc.send_signal(signal.SIGTERM)
@@ -96,7 +98,7 @@ class _Child:
         return self.proc.pid
 
     def stop(self) -> None:
-        _stop(self.proc)
+        stop_process(self.proc)
         self.proc = None
 
 

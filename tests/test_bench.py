@@ -3,7 +3,8 @@
 - The delay relay keeps order, delays connect and data, and emulates its RTT setting closely
   (a generous bound here: the machines are noisy; `python -m bench` prints the exact figures).
 - `python -m bench --quick` produces its P1 result file (needs the real MTAs and HAProxy:
-  skipped without them, except under CI=true).
+  skipped without them, except under CI=true); `--quick --only p6` its P6 file (outbound mode
+  in a network namespace: root, iproute2 and iptables too).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from bench.floors import _Tracker
 from bench.peers import Floor, missing_peers
 from proxy.proxyproto import parse_header
 from tests.conftest import require_mtas
+from tests.netns import require_netns
 
 
 async def test_delay_relay_emulates_its_rtt() -> None:
@@ -76,6 +78,47 @@ async def test_delay_relay_keeps_order_and_records_end_of_data() -> None:
     # take: the banner crosses one hop, the final reply three.
     assert rec.to_banner is not None and rec.to_banner >= 0.02 - MAX_SEND_LAG
     assert rec.to_final is not None and rec.to_final >= 0.04 - 3 * MAX_SEND_LAG
+
+
+async def test_delay_relay_emulates_the_handshake() -> None:
+    """`handshake=True`: the server accepts 1.5 RTT after the relay did (the client's final
+    ACK), the client's early bytes reach it no sooner, and its banner reaches the client two
+    RTTs after the client's connect, as over a real path counted from the SYN."""
+    rtt = 0.02
+    seen: list[float] = []
+
+    async def server(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.send_all(b"220 ready\r\n")
+            data = await stream.receive_some(100)
+            seen.append(trio.current_time())
+            if data:
+                await stream.send_all(b"250 " + data)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        nursery.start_soon(trio.serve_listeners, server, listeners)
+        upstream = ("127.0.0.1", listeners[0].socket.getsockname()[1])
+        relay = DelayRelay(upstream=upstream, rtt=rtt, handshake=True, trace=True, quickack=True)
+        port = await nursery.start(relay.serve)
+        with trio.fail_after(10):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                await stream.send_all(b"EHLO early\r\n")  # before the banner
+                got = b""
+                while b"250 EHLO early" not in got:
+                    data = await stream.receive_some(100)
+                    assert data
+                    got += data
+        nursery.cancel_scope.cancel()
+    (rec,) = relay.records
+    assert rec.upstream_connected is not None and rec.to_banner is not None
+    assert rec.upstream_connected - rec.accepted >= 1.5 * rtt - 0.001
+    assert seen and seen[0] - rec.accepted >= 1.5 * rtt - MAX_SEND_LAG
+    assert rec.to_banner >= 2 * rtt - 2 * MAX_SEND_LAG
+    assert not rec.syn_data  # no TCP Fast Open here
+    assert [n for _, _, n in rec.requests] == [len(b"EHLO early\r\n")]
+    assert len(rec.replies) >= 1 and rec.upstream_port > 0
 
 
 def run_quick(tmp_path: Path, *args: str, timeout: float) -> Path:
@@ -267,3 +310,27 @@ def test_smtp_floor_pairs_commands_and_replies() -> None:
     assert list(t.pending) == [".", "QUIT"] and not t.commands.in_data
     t.mta(b"250 2.0.0 queued\r\n221 bye\r\n")
     assert not t.pending
+
+
+def test_bench_quick_p6_runs(tmp_path: Path) -> None:
+    """`--quick --only p6 --p6-tls cleartext`: P6 (bench/outbound.py: a real Postfix sending
+    directly and through the proxy's outbound mode to native Exim behind the delay relay, in a
+    network namespace) runs at one RTT with 2 messages per path and writes its CSV: every
+    message sent and received by Exim (its `<=` line found), timed by the relay; never
+    timing. Early pipelining is the benchmark's figure to report (`L*` counts), not asserted."""
+    require_netns()
+    out = run_quick(tmp_path, "--only", "p6", "--p6-tls", "cleartext", timeout=120)
+    with (out / "p6.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    paths = ["direct", "direct-noquit", "proxy", "proxy-tfo"]
+    assert sorted(r["path"] for r in rows) == sorted(paths * 2), rows
+    assert all(r["rtt_ms"] == "10.0" and r["tls"] == "cleartext" for r in rows), rows
+    assert all(float(r["seconds"]) > 0 and r["exim_flag"].startswith("L") for r in rows), rows
+    # The proxies' first sessions were their cache misses: relayed, PIPECONNECT unused.
+    with (out / "p6-warmup.csv").open() as f:
+        warmup = list(csv.DictReader(f))
+    assert {r["exim_flag"] for r in warmup if r["path"] == "direct"} == {"L."}, warmup
+    result = json.loads((out / "p6.json").read_text())
+    assert set(result["tfo_counters"]) >= {"TCPFastOpenActive", "TCPFastOpenPassive"}
+    assert result["proxy_sessions"]["proxy"] >= 4, result  # 2 warm-up + 2 measured
+    assert "## P6" in (out / "summary.md").read_text()
