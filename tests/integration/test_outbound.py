@@ -660,6 +660,24 @@ def test_size_lowered_defers_never_bounces(make_world: WorldFactory) -> None:
     world.assert_never_bounced()
 
 
+def test_size_unchanged_the_mxs_own_552_is_its_verdict(make_world: WorldFactory) -> None:
+    """The other side of the row: Exim's limit was already 4K when the proxy learned it
+    (`SIZE 4096` cached, served as bare `SIZE`). An 8K message is early-pipelined, Exim
+    refuses it (552), the features match the cache, so the 552 is the MX's own verdict and
+    reaches Postfix verbatim: Postfix bounces, as it would directly (where it would not even
+    try: it would see `SIZE 4096`)."""
+    world = make_world(exim={"message_size_limit": "4K"})
+    assert world.proxy is not None
+    _learn(world)
+    mark = world.exim.log_mark()
+    sub, status = world.deliver(pad=8000)
+    assert status.status == "bounced", f"{status.line}\n{world}"
+    assert status.dsn.startswith("5.3.4") or "552" in status.line, status.line
+    assert "Message size exceeds maximum permitted" in status.line, status.line
+    world.exim.wait_log(r"message too big", since=mark)
+    assert sub.message_id not in world.received_ids()
+
+
 def test_connect_refused_with_4xx_after_learning(make_world: WorldFactory) -> None:
     """After learning, Exim refuses connections at connect time (acl_smtp_connect = defer):
     it answers `451 Temporary local problem - please try later` instead of a banner (and,
