@@ -348,7 +348,8 @@ class OutboundMachine:
         if isinstance(event, ClientEof):
             return self._mta_done()
         if isinstance(event, ClientBroken):
-            self.log.outcome = "mta-gone"
+            # Spliced (TLS), a reset is how many MTAs end: unread close_notify in its buffer.
+            self.log.outcome = "mta-closed" if self.mode is Mode.SPLICE else "mta-gone"
             return self._end()
         if isinstance(event, DeadlinePassed):
             if self.deadline is None or now < self.deadline:
