@@ -12,12 +12,19 @@ from __future__ import annotations
 import functools
 import ipaddress
 
-__all__ = ["Endpoint", "IPAddress", "unmap"]
+__all__ = ["Endpoint", "IPAddress", "endpoint", "unmap"]
 
 Endpoint = tuple[str, int]
 """``(host, port)``: a socket address without IPv6 flow info and scope id."""
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def endpoint(sockaddr: tuple[str, int] | tuple[str, int, int, int]) -> Endpoint:
+    """A socket address as ``(host, port)``, the host unmapped: an IPv4 peer of a
+    dual-stack ``[::]`` socket (``::ffff:a.b.c.d``) is IPv4 on both ends, so a PROXY header
+    never mixes families and a host list or the EHLO cache sees one form."""
+    return (str(unmap(sockaddr[0])), sockaddr[1])
 
 
 def unmap(host: str | IPAddress) -> IPAddress:

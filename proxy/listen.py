@@ -5,6 +5,7 @@
   dual-stack (IPV6_V6ONLY off: IPv4 clients reach it too, as Linux users expect) unless
   the configuration also lists ``0.0.0.0`` on that port, which then takes IPv4 itself.
   IPv4 clients of a dual-stack socket appear as ``::ffff:a.b.c.d``; ``server`` maps them.
+- ``refuse``: the one reply to a connection turned away at accept, then the close.
 - ``serve_listeners``: like ``trio.serve_listeners``, but an accept() that fails for lack
   of resources (EMFILE: out of file descriptors, ...) is counted and logged at most once
   per ``ACCEPT_LOG_PERIOD``, not with a traceback on every retry (ten a second).
@@ -25,6 +26,7 @@ import trio
 from prometheus_client import Counter
 
 from .config import Address
+from .smtp import Reply
 
 log = logging.getLogger("pipeconnect.listen")
 
@@ -104,6 +106,18 @@ async def open_listeners(
     """``bind`` as trio listeners, in a thread (a host name may need DNS)."""
     (socks,) = await trio.to_thread.run_sync(bind, address, listed)
     return [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in socks]
+
+
+async def refuse(stream: trio.SocketStream, reply: Reply) -> None:
+    """``reply`` to a connection not taken (session limits, outbound mode's refusals),
+    bounded, then the close."""
+    with trio.move_on_after(5):
+        try:
+            await stream.send_all(reply.to_bytes())
+            await stream.send_eof()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+    await trio.aclose_forcefully(stream)
 
 
 class AcceptErrors:

@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .addresses import Endpoint, unmap
+from .addresses import Endpoint, endpoint, unmap
 from .config import Config, OutboundConfig
 from .ehlocache import EhloCache, Entry, cacheable
+from .listen import refuse
 from .machine.events import (
     ClientBroken,
     ClientData,
@@ -361,8 +362,7 @@ class OutboundSession:
         self.mx = stream
         # Known as ours before anything can yield: were the rule to send it back to us,
         # the listener must recognise it at its very first accept.
-        local = sock.getsockname()
-        self.own.add((str(unmap(local[0])), local[1]))
+        self.own.add(endpoint(sock.getsockname()))
         if early:  # then at once: the MX must find it waiting when it is about to greet
             broken = await self._send(stream, early, UpstreamBroken(sending=True))
             if broken is not None:
@@ -382,10 +382,9 @@ class OutboundSession:
 
     def _forget_own(self, mx: trio.SocketStream) -> None:
         try:
-            local = mx.socket.getsockname()
+            self.own.discard(endpoint(mx.socket.getsockname()))
         except OSError:
             return
-        self.own.discard((str(unmap(local[0])), local[1]))
 
     async def _close_all(self) -> None:
         await self._close_mx()
@@ -432,32 +431,28 @@ async def handle_outbound(
     """One accepted connection on an outbound listener."""
     try:
         sock = stream.socket
-        peer = sock.getpeername()
-        local = sock.getsockname()
+        mta = endpoint(sock.getpeername())
+        here = endpoint(sock.getsockname())
     except OSError:
         await trio.aclose_forcefully(stream)
         return
-    mta: Endpoint = (str(unmap(peer[0])), peer[1])
-    here: Endpoint = (str(unmap(local[0])), local[1])
-    dest = original_destination(sock)
+    original = original_destination(sock)
+    dest = endpoint(original) if original is not None else None
     refusal = None
     if mta in own:
         refusal = LOOPED
-    elif dest is None or (str(unmap(dest[0])), dest[1]) == here:
+    elif dest is None or dest == here:
         refusal = NOT_INTERCEPTED
     if refusal is not None:
         metrics.outbound_refused.labels("loop" if refusal is LOOPED else "not-intercepted").inc()
         log.warning("outbound: %s from %s:%d", refusal.text, *mta)
-        with trio.move_on_after(5):
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                await stream.send_all(refusal.to_bytes())
-        await trio.aclose_forcefully(stream)
+        await refuse(stream, refusal)
         return
     assert dest is not None
     session = OutboundSession(
         stream,
         mta=mta,
-        dest=(str(unmap(dest[0])), dest[1]),
+        dest=dest,
         config=config,
         cache=cache,
         metrics=metrics,

@@ -15,10 +15,10 @@ from pathlib import Path
 import trio
 
 from . import notify
-from .addresses import Endpoint, unmap
+from .addresses import Endpoint, endpoint
 from .config import Address, Config, ConfigError, load_config
 from .httpd import Health, serve_http
-from .listen import AcceptErrors, open_listeners, serve_listeners
+from .listen import AcceptErrors, open_listeners, refuse, serve_listeners
 from .metrics import Metrics
 from .outbound import Cache, OutboundSession, handle_outbound
 from .outcomes import Outcome
@@ -64,16 +64,6 @@ class Limits:
                 del self.by_client[client]
 
 
-async def _reject(stream: trio.SocketStream, reply: Reply) -> None:
-    with trio.move_on_after(5):
-        try:
-            await stream.send_all(reply.to_bytes())
-            await stream.send_eof()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
-    await trio.aclose_forcefully(stream)
-
-
 _TFO_SYSCTL = Path("/proc/sys/net/ipv4/tcp_fastopen")
 _tfo_warned: set[str] = set()  # one warning per kind and process, not per listener
 
@@ -109,12 +99,6 @@ def enable_fast_open(listeners: list[trio.SocketListener], queue: int) -> bool:
                 mode,
             )
     return True
-
-
-def _endpoint(sockaddr: tuple[str, int] | tuple[str, int, int, int]) -> Endpoint:
-    """(host, port); an IPv4 peer of a dual-stack ``[::]`` socket (``::ffff:a.b.c.d``) as
-    IPv4 on both ends, so a PROXY header never mixes families."""
-    return (str(unmap(sockaddr[0])), sockaddr[1])
 
 
 def check_socket_mark(mark: int) -> None:
@@ -242,7 +226,7 @@ async def serve(
     caches: dict[tuple[str, float], Cache] = {}  # a reload may name another file or TTL
     outbound_sessions: set[OutboundSession] = set()
     own_ends: set[Endpoint] = set()
-    bound = [_endpoint(lst.socket.getsockname()) for lst in plain]
+    bound = [endpoint(lst.socket.getsockname()) for lst in plain]
     if config.upstream.client_identity == "none":
         log.warning(
             "upstream.client_identity = none: the MTA sees every client as this proxy's "
@@ -259,8 +243,8 @@ async def serve(
 
     async def handle(stream: trio.SocketStream, listener: str) -> None:
         try:
-            client = _endpoint(stream.socket.getpeername())
-            local = _endpoint(stream.socket.getsockname())
+            client = endpoint(stream.socket.getpeername())
+            local = endpoint(stream.socket.getsockname())
         except OSError:  # reset before we looked
             await trio.aclose_forcefully(stream)
             return
@@ -270,7 +254,7 @@ async def serve(
         with limits.admit(client[0]) as refusal:
             if refusal is not None:
                 metrics.sessions.labels(listener, Outcome.TOO_MANY).inc()
-                await _reject(stream, refusal)
+                await refuse(stream, refusal)
                 return
             session = Session(
                 stream,
@@ -352,8 +336,8 @@ async def serve(
 
     health = Health(metrics, config.upstream.address)
     result = Bound(bound, health)
-    result.tls_on_connect = [_endpoint(lst.socket.getsockname()) for lst in implicit]
-    result.outbound = [_endpoint(lst.socket.getsockname()) for lst in outbound_listeners]
+    result.tls_on_connect = [endpoint(lst.socket.getsockname()) for lst in implicit]
+    result.outbound = [endpoint(lst.socket.getsockname()) for lst in outbound_listeners]
     accepting: list[trio.CancelScope] = []
     async with trio.open_nursery() as nursery:
         for name, listeners in (("plain", plain), ("tls_on_connect", implicit)):

@@ -17,10 +17,11 @@ import pytest
 import trio
 import trio.testing
 
+from proxy.addresses import endpoint
 from proxy.config import Address
 from proxy.listen import ACCEPT_LOG_PERIOD, ACCEPT_RETRY, bind, dual_stack
 from proxy.metrics import Metrics
-from proxy.server import Bound, _endpoint, serve
+from proxy.server import Bound, serve
 
 from .fakemta import FakeMTA
 from .test_session import Client, make_config
@@ -84,9 +85,9 @@ async def test_unspecified_ipv6_listener_takes_ipv4_clients_as_ipv4() -> None:
 
 
 def test_ipv4_mapped_endpoints_are_ipv4() -> None:
-    assert _endpoint(("::ffff:192.0.2.7", 25, 0, 0)) == ("192.0.2.7", 25)
-    assert _endpoint(("2001:db8::1", 25, 0, 0)) == ("2001:db8::1", 25)
-    assert _endpoint(("192.0.2.7", 25)) == ("192.0.2.7", 25)
+    assert endpoint(("::ffff:192.0.2.7", 25, 0, 0)) == ("192.0.2.7", 25)
+    assert endpoint(("2001:db8::1", 25, 0, 0)) == ("2001:db8::1", 25)
+    assert endpoint(("192.0.2.7", 25)) == ("192.0.2.7", 25)
 
 
 def test_dual_stack_unless_ipv4_any_on_the_same_port() -> None:

@@ -8,10 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.addresses import unmap
+from proxy.addresses import endpoint, unmap
 from proxy.hosts import HostList
 from proxy.proxyproto import encode_v1, xclient_command
-from proxy.server import _endpoint
 
 V4 = ipaddress.IPv4Address
 V6 = ipaddress.IPv6Address
@@ -83,5 +82,5 @@ def test_every_user_unmaps_alike() -> None:
         b"PROXY TCP6 fe80::1 fe80::2 "
     )
     assert xclient_command("::ffff:192.0.2.7", 1).startswith(b"XCLIENT ADDR=192.0.2.7 ")
-    assert _endpoint(("::ffff:192.0.2.7", 1, 0, 0)) == ("192.0.2.7", 1)
-    assert _endpoint(("fe80::1%eth0", 1, 0, 2)) == ("fe80::1", 1)
+    assert endpoint(("::ffff:192.0.2.7", 1, 0, 0)) == ("192.0.2.7", 1)
+    assert endpoint(("fe80::1%eth0", 1, 0, 2)) == ("fe80::1", 1)
