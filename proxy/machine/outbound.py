@@ -231,7 +231,7 @@ class OutboundLog:
 
     path: str = "relay"  # relay (a miss) | early | retried | in-step (a hit, not early)
     early_used: bool = False
-    cache: str = "miss"  # miss | hit
+    cache: str = "miss"  # miss | hit | bypass (the destination is not in outbound.hosts)
     learned: bool = False
     invalidated: str = ""  # why the entry was dropped or rewritten
     failure: str = ""  # the 4xx the proxy gave in the MX's place, if any
@@ -270,7 +270,9 @@ class OutboundMachine:
         self._mta = bytearray()  # MTA bytes not yet framed
         self._pending: deque[_Pending] = deque()  # what the MX will answer, in order
         self._connected = False
-        self._early = False  # the MTA's EHLO went out before the MX's banner came
+        # The MTA's EHLO went out before the MX's banner came; never after a retry (set only
+        # while not retried, cleared by it), so it also says that one is still allowed.
+        self._early = False
         self._retried = False
         self._relayed = False  # a reply of the MX's reached the MTA
         self._checked = False  # the MX's real EHLO reply was accepted
@@ -392,7 +394,7 @@ class OutboundMachine:
         if self.mode in (Mode.SPLICE, Mode.CONNECTING):
             self.log.outcome = "mx-closed"
             return self._end()
-        if self._early and not self._relayed and not self._retried:
+        if self._early and not self._relayed:
             return self._retry("closed", now)
         return self._mx_lost("mx-closed")
 
@@ -565,7 +567,7 @@ class OutboundMachine:
             self._pending.appendleft(_Pending(_Kind.BANNER))
             early = b"".join(p.line for p in self._pending)
             return [ConnectMx(early=early, fast_open=True)]
-        if self._early and not self._checked and self._connected and not self._retried:
+        if self._early and not self._checked and self._connected:
             # Behind the early EHLO, before the MX's banner: as Exim's client does.
             group = [p for p in self._pending if not p.sent and p.kind is _Kind.RELAY]
             for p in group:
@@ -706,7 +708,7 @@ class OutboundMachine:
             return [SendClient(self._raw)]
         if reply.code == 220:
             return self._send_unsent()
-        if self._early and reply.code >= 500 and not self._retried:
+        if self._early and reply.code >= 500:
             return self._retry("sync-error", now)
         return self._give_up("banner", _fail_reply("4.4.2", f"Remote server said {reply.text}"))
 
@@ -715,7 +717,7 @@ class OutboundMachine:
         self._real_ehlo = reply
         if reply.code != 250:
             synchronization = b"synchroni" in b" ".join(reply.lines).lower()
-            if self._early and synchronization and not self._retried:
+            if self._early and synchronization:
                 return self._retry("sync-error", now)
             return self._give_up("ehlo", _fail_reply("4.4.2", f"Remote server said {reply.text}"))
         name = _ehlo_name(self._ehlo_line)
@@ -739,7 +741,7 @@ class OutboundMachine:
             actions.append(Verified(self._ehlo_line))
         else:
             actions.append(Verified())
-        if self._early and not self._retried:
+        if self._early:
             self.log.early_used = True
             self.log.round_trips_saved = 2
         if not self._offers_tls:
