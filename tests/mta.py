@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tests.netns import run_command
+
 if TYPE_CHECKING:
     from tests.netns import Namespace
 
@@ -229,17 +231,6 @@ def _wait_for(
         time.sleep(0.05)
 
 
-def _run(cmd: list[str], *, timeout: float = 60, check: bool = True) -> str:
-    """Run a command, return stdout+stderr; raise with the output on failure."""
-    proc = subprocess.run(
-        cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False
-    )
-    out = (proc.stdout + proc.stderr).decode("utf-8", "replace")
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{out}")
-    return out
-
-
 # --------------------------------------------------------------------------- Postfix
 
 
@@ -254,12 +245,12 @@ def _alt_lock() -> Iterator[None]:
 
 
 def _alternate_dirs() -> list[str]:
-    value = _run([POSTCONF, "-h", "alternate_config_directories"]).strip()
+    value = run_command([POSTCONF, "-h", "alternate_config_directories"]).strip()
     return [d for d in re.split(r"[\s,]+", value) if d]
 
 
 def _set_alternate_dirs(dirs: list[str]) -> None:
-    _run([POSTCONF, "-e", f"alternate_config_directories = {' '.join(dirs)}"])
+    run_command([POSTCONF, "-e", f"alternate_config_directories = {' '.join(dirs)}"])
     _backdate(Path("/etc/postfix/main.cf"))
 
 
@@ -321,6 +312,14 @@ postlog    unix-dgram n - n - 1 postlogd
 # master(8) logs this on SIGHUP, then re-reads main.cf and master.cf before it serves
 # anything else (it is single-threaded).
 _RELOADED = "]: reload -- version "
+
+
+def maildir_files(maildir: Path) -> list[Path]:
+    """The messages delivered to a Maildir (its `new/`), oldest first."""
+    new = maildir / "new"
+    if not new.is_dir():
+        return []
+    return sorted((p for p in new.iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime)
 
 
 class Postfix:
@@ -483,7 +482,7 @@ class Postfix:
     def _postfix(self, *args: str, check: bool = True) -> str:
         # Errors before logging is up go to the terminal only: give it a pseudo-terminal.
         cmd = " ".join([POSTFIX, "-c", str(self.config_dir), *args])
-        return _run([*self.exec_prefix, "script", "-qec", cmd, "/dev/null"], check=check)
+        return run_command([*self.exec_prefix, "script", "-qec", cmd, "/dev/null"], check=check)
 
     def master_pid(self) -> int | None:
         try:
@@ -584,10 +583,7 @@ class Postfix:
         return found[0]
 
     def message_files(self) -> list[Path]:
-        new = self.maildir / "new"
-        if not new.is_dir():
-            return []
-        return sorted((p for p in new.iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime)
+        return maildir_files(self.maildir)
 
     def messages(self) -> list[bytes]:
         """Delivered messages (Maildir `new/`, oldest first), as stored: LF line endings,
@@ -697,7 +693,9 @@ class Postfix:
         return found[0]
 
     def _queue_tool(self, tool: str, *args: str, check: bool = True) -> str:
-        return _run([*self.exec_prefix, tool, "-c", str(self.config_dir), *args], check=check)
+        return run_command(
+            [*self.exec_prefix, tool, "-c", str(self.config_dir), *args], check=check
+        )
 
     def flush(self) -> None:
         """`postqueue -f`: attempt every queued message now."""
@@ -967,7 +965,7 @@ class EximClient:
 
     def queue(self) -> str:
         """The output of `exim -bp` (empty when the queue is empty)."""
-        return _run([EXIM, "-C", str(self.conf), "-bp"], check=False)
+        return run_command([EXIM, "-C", str(self.conf), "-bp"], check=False)
 
 
 _HEADER_LINE = re.compile(rb"^[!-9;-~]+:")
@@ -1223,7 +1221,7 @@ class EximServer:
         self.write_config()
         # Exim checks the config is readable by its own user; refuse a broken one before
         # the daemon does (a bad config on re-exec leaves no daemon at all).
-        _run([EXIM, "-C", str(self.conf), "-bV"])  # raises with Exim's complaint
+        run_command([EXIM, "-C", str(self.conf), "-bV"])  # raises with Exim's complaint
         before = self.mainlog().count(_EXIM_STARTED)
         self.proc.send_signal(signal.SIGHUP)
         sent = [time.monotonic()]
@@ -1317,10 +1315,7 @@ class EximServer:
     # -- stored messages (store=True)
 
     def stored_files(self) -> list[Path]:
-        new = self.maildir / "new"
-        if not new.is_dir():
-            return []
-        return sorted((p for p in new.iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime)
+        return maildir_files(self.maildir)
 
     def stored_messages(self) -> list[bytes]:
         """The messages delivered to the Maildir, oldest first, as stored (LF endings,
@@ -1516,6 +1511,7 @@ __all__ = [
     "deliveries",
     "exim_flags",
     "free_port",
+    "maildir_files",
     "missing_software",
     "postfix_statuses",
     "receptions",

@@ -75,7 +75,11 @@ needs_netns = pytest.mark.skipif(
 )
 
 
-def _run(cmd: list[str], *, timeout: float = 30, check: bool = True) -> str:
+IP_TIMEOUT = 30.0  # seconds for one `ip` command
+
+
+def run_command(cmd: list[str], *, timeout: float = 60, check: bool = True) -> str:
+    """Run a command, return stdout+stderr; raise with the output on failure."""
     proc = subprocess.run(
         cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False
     )
@@ -86,12 +90,12 @@ def _run(cmd: list[str], *, timeout: float = 30, check: bool = True) -> str:
 
 
 def _pids(name: str) -> list[int]:
-    out = _run([IP, "netns", "pids", name], check=False)
+    out = run_command([IP, "netns", "pids", name], timeout=IP_TIMEOUT, check=False)
     return [int(p) for p in out.split() if p.isdigit()]
 
 
 def _list() -> list[str]:
-    out = _run([IP, "netns", "list"], check=False)
+    out = run_command([IP, "netns", "list"], timeout=IP_TIMEOUT, check=False)
     return [line.split()[0] for line in out.splitlines() if line.strip()]
 
 
@@ -104,7 +108,7 @@ def _destroy(name: str, timeout: float = 5) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.05)
-    _run([IP, "netns", "del", name], check=False)
+    run_command([IP, "netns", "del", name], timeout=IP_TIMEOUT, check=False)
 
 
 def _sweep_stale() -> None:
@@ -159,7 +163,7 @@ class Namespace:
         if missing:  # CI=true: require_netns did not skip
             raise RuntimeError(f"cannot make a network namespace: missing {', '.join(missing)}")
         _sweep_stale()
-        _run([IP, "netns", "add", self.name])
+        run_command([IP, "netns", "add", self.name], timeout=IP_TIMEOUT)
         self.created = True
         try:
             self.run([IP, "link", "set", "lo", "up"])
@@ -202,7 +206,7 @@ class Namespace:
 
     def run(self, cmd: list[str], *, timeout: float = 30, check: bool = True) -> str:
         """Run `cmd` in the namespace; its stdout+stderr (raise with it on failure)."""
-        return _run(self.command(cmd), timeout=timeout, check=check)
+        return run_command(self.command(cmd), timeout=timeout, check=check)
 
     def popen(self, cmd: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
         """Start `cmd` in the namespace (`ip netns exec` execs it: the pid is the program's).
@@ -267,4 +271,5 @@ __all__ = [
     "netns_missing",
     "original_dst",
     "require_netns",
+    "run_command",
 ]

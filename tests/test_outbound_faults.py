@@ -817,6 +817,22 @@ async def test_a_broken_cache_never_stops_mail(
 # ---------------------------------------------------------------- 12. shutdown
 
 
+@asynccontextmanager
+async def message_at_the_mx(p: Proxy, mx: FakeMX) -> AsyncIterator[list[Transcript]]:
+    """A delivery under way, its end of data with the MX (whose verdict may be held): the
+    body runs then; on exit the delivery has ended and its transcript is in the list."""
+    got: list[Transcript] = []
+
+    async def deliver() -> None:
+        got.append(await send_mail(p.port))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(deliver)
+        with trio.fail_after(WAIT):
+            await mx.got_message.wait()
+        yield got
+
+
 @pytest.mark.parametrize("hit", [True, False], ids=["hit", "miss"])
 async def test_shutdown_relays_the_held_verdict_first(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hit: bool
@@ -825,15 +841,7 @@ async def test_shutdown_relays_the_held_verdict_first(
     async with mx_and_proxy(tmp_path, monkeypatch, mx, server={"shutdown_grace": 0.2}) as p:
         if hit:
             learn(p, mx.port)
-        got: list[Transcript] = []
-
-        async def deliver() -> None:
-            got.append(await send_mail(p.port))
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(deliver)
-            with trio.fail_after(WAIT):
-                await mx.got_message.wait()  # the dot is with the MX, its verdict held
+        async with message_at_the_mx(p, mx) as got:  # its verdict held
             p.runtime.stopping.set()
         await p.settle(1)
     [t] = got

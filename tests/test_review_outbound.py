@@ -42,10 +42,10 @@ from tests.test_outbound_faults import (
     FakeMX,
     Mta,
     Proxy,
-    Transcript,
     config_for,
     ehlo_reply,
     learn,
+    message_at_the_mx,
     mx_and_proxy,
     outbound_lines,
     parse,
@@ -586,15 +586,7 @@ async def test_a_reload_that_drops_the_destination_leaves_the_running_session_be
     mx = FakeMX(verdict_delay=0.3)
     async with mx_and_proxy(tmp_path, monkeypatch, mx) as p:
         learn(p, mx.port)
-        got: list[Transcript] = []
-
-        async def deliver() -> None:
-            got.append(await send_mail(p.port))
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(deliver)
-            with trio.fail_after(WAIT):
-                await mx.got_message.wait()
+        async with message_at_the_mx(p, mx) as got:
             new = config_for(p.cache, outbound={"hosts": ["!127.0.0.1", "*"]})
             p.runtime.current = Snapshot(new)  # what a SIGHUP's reload does
         after = await send_mail(p.port)
