@@ -13,6 +13,7 @@ actions run in order and every write to a stream comes from one task at a time.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import socket
@@ -49,6 +50,7 @@ from .machine.outbound import (
     Greeting,
     Learn,
     OutboundAction,
+    OutboundLog,
     OutboundMachine,
     Splice,
     Verified,
@@ -173,6 +175,50 @@ class OutboundRecord:
     bytes_up: int = 0
     bytes_down: int = 0
     notes: list[str] = field(default_factory=list)
+
+    def render(self, m: OutboundLog, saved: float, fmt: str) -> str:
+        """The session's one log line, as ``log.format`` says (the inbound line's twin:
+        ``sessionlog.SessionLog.render``)."""
+        if fmt == "json":
+            return json.dumps(
+                {
+                    "event": "outbound",
+                    "source": f"{self.mta[0]}:{self.mta[1]}",
+                    "dest": f"{self.dest[0]}:{self.dest[1]}",
+                    "L": "L*" if m.early_used else "L",
+                    "path": m.path,
+                    "cache": m.cache,
+                    "learned": m.learned,
+                    "invalidated": m.invalidated,
+                    "round_trips_saved": m.round_trips_saved,
+                    "time_saved": round(saved, 6),
+                    "bytes_up": self.bytes_up,
+                    "bytes_down": self.bytes_down,
+                    "duration": round(self.elapsed, 3),
+                    "outcome": m.outcome,
+                    "deferred": m.failure,
+                    "detail": "; ".join(self.notes),
+                    "last_reply": m.last_reply,
+                }
+            )
+        parts = [
+            f"outbound S=[{self.mta[0]}]:{self.mta[1]}",
+            f"H=[{self.dest[0]}]:{self.dest[1]}",
+            "L*" if m.early_used else "L",
+            f"P={m.path}",
+            f"cache={m.cache}" + ("+learned" if m.learned else ""),
+            f"invalidated={m.invalidated}" if m.invalidated else "",
+            f"RT={m.round_trips_saved}" if m.round_trips_saved else "",
+            f"TS={saved * 1000:.3f}ms" if m.round_trips_saved else "",
+            f"U={self.bytes_up}",
+            f"D={self.bytes_down}",
+            f"DT={self.elapsed:.3f}s",
+            f"outcome={m.outcome}",
+            f'deferred="{quoted(m.failure)}"' if m.failure else "",
+            f'detail="{quoted("; ".join(self.notes))}"' if self.notes else "",
+            f'C="{quoted(m.last_reply)}"' if m.last_reply else "",
+        ]
+        return " ".join(p for p in parts if p)
 
 
 class OutboundSession:
@@ -399,24 +445,7 @@ class OutboundSession:
             m.round_trips_saved += 1  # the handshake's round trip carried the commands too
         saved = (r.mx_rtt or 0.0) * m.round_trips_saved
         self.metrics.record_outbound(m, saved)
-        parts = [
-            f"outbound S=[{r.mta[0]}]:{r.mta[1]}",
-            f"H=[{r.dest[0]}]:{r.dest[1]}",
-            "L*" if m.early_used else "L",
-            f"P={m.path}",
-            f"cache={m.cache}" + ("+learned" if m.learned else ""),
-            f"invalidated={m.invalidated}" if m.invalidated else "",
-            f"RT={m.round_trips_saved}" if m.round_trips_saved else "",
-            f"TS={saved * 1000:.3f}ms" if m.round_trips_saved else "",
-            f"U={r.bytes_up}",
-            f"D={r.bytes_down}",
-            f"DT={r.elapsed:.3f}s",
-            f"outcome={m.outcome}",
-            f'deferred="{quoted(m.failure)}"' if m.failure else "",
-            f'detail="{quoted("; ".join(r.notes))}"' if r.notes else "",
-            f'C="{quoted(m.last_reply)}"' if m.last_reply else "",
-        ]
-        log.info("%s", " ".join(p for p in parts if p))
+        log.info("%s", r.render(m, saved, self.config.log.format))
 
 
 async def handle_outbound(

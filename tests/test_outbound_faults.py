@@ -22,6 +22,7 @@ tests/integration/test_outbound.py.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import socket
 import time
@@ -545,6 +546,24 @@ async def test_miss_relays_and_learns_then_hit_talks_early(
     miss, hit = outbound_lines(caplog)
     assert " L " in miss and "P=relay" in miss and "cache=miss+learned" in miss
     assert " L* " in hit and "P=early" in hit and "cache=hit" in hit and "outcome=quit" in hit
+
+
+async def test_the_log_line_follows_log_format_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`[log] format = "json"` makes the outbound line JSON too, as the inbound one."""
+    caplog.set_level(logging.INFO, "pipeconnect")
+    mx = FakeMX()
+    async with mx_and_proxy(tmp_path, monkeypatch, mx, log={"format": "json"}) as p:
+        learn(p, mx.port)
+        t = await send_mail(p.port)
+        await p.settle(1)
+    assert t.verdict is not None and t.verdict.to_bytes() == QUEUED
+    [line] = [r.getMessage() for r in caplog.records if r.name == "pipeconnect.outbound"]
+    record = json.loads(line)
+    assert record["event"] == "outbound" and record["dest"] == f"127.0.0.1:{mx.port}"
+    assert (record["L"], record["path"], record["cache"]) == ("L*", "early", "hit")
+    assert (record["outcome"], record["round_trips_saved"]) == ("quit", 2)
 
 
 # ---------------------------------------------------------------- 2. sync error: retried
