@@ -1500,6 +1500,7 @@ class Session:
         self.mta = MtaModel(draw(st.integers(1, 3)), body, draw(st.booleans()), draw(st.booleans()))
         self.now = 1000.0
         self.replies: set[bytes] = set()
+        self.proxys_own = {BANNER.to_bytes(), SERVED_EHLO, b"221 2.0.0 Bye\r\n"}
         self.conns: list[MxConn] = []
         self.mx_open = False  # connected, and not closed by the proxy since
         self.client_closed = False
@@ -1545,10 +1546,14 @@ class Session:
     def check(self) -> None:
         changed = self.hit and _changed(self.variant)
         for reply in self.mta.got[self.seen :]:
+            data = reply.to_bytes()
             if 500 <= reply.code < 600:
-                data = reply.to_bytes()
                 assert data in self.replies, f"(a) the proxy invented {data!r}"
                 assert not changed, f"(a) {data!r} relayed though the features changed"
+            elif reply.positive and data not in self.proxys_own:
+                # DESIGN.md 3: a positive reply to the mail transaction comes from the MX
+                # only; the proxy's own are the cached greeting (served) and a 221 to QUIT.
+                assert data in self.replies, f"(g) the proxy invented {data!r}"
         self.seen = len(self.mta.got)
         owed = self.mta.commands_sent + 1  # a reply per command, and the banner
         if self.mta.writing_message and self.mta.got[-1].code == 421:
