@@ -2,7 +2,8 @@
 
 - bytes nobody asked for make the proxy step aside (relayed as they came, then spliced),
   never grow a buffer without bound or get read as the answer to a later command;
-- a reply trickled a byte at a time gains no time: the reply timeout bounds the reply.
+- a reply trickled a byte at a time gains no time: the reply timeout bounds the reply;
+- a line past its bound (the MTA's, the MX's) is never held: relayed, then spliced.
 """
 
 from __future__ import annotations
@@ -15,7 +16,13 @@ from proxy.machine.events import (
     UpstreamConnected,
     UpstreamData,
 )
-from proxy.machine.outbound import MX_CLOSED, OutboundAction, OutboundMachine, Splice
+from proxy.machine.outbound import (
+    MAX_LINE,
+    MX_CLOSED,
+    OutboundAction,
+    OutboundMachine,
+    Splice,
+)
 
 BANNER = b"220 mx.example ESMTP\r\n"
 EHLO = b"EHLO mta.test\r\n"
@@ -70,3 +77,20 @@ def test_a_whole_reply_rearms_the_wait_for_the_next() -> None:
     m.handle(ClientData(b"MAIL FROM:<a@mta.test>\r\nRCPT TO:<b@dest.test>\r\n"), 100.0)
     assert m.handle(UpstreamData(b"250 ok\r\n"), 108.0) == [SendClient(b"250 ok\r\n")]
     assert m.deadline == 118.0
+
+
+def test_an_mta_line_past_the_bound_is_not_kept_but_spliced() -> None:
+    # Per-session memory is bounded (DESIGN.md 3): a line the proxy would have to hold
+    # whole goes on as it came, and the proxy only copies from then on.
+    m = relayed_session()
+    endless = b"X" * (MAX_LINE + 1)
+    assert m.handle(ClientData(endless), 1.0) == [Splice(), SendUpstream(endless)]
+    assert m.spliced
+
+
+def test_an_mx_reply_line_past_the_bound_is_not_kept() -> None:
+    m = relayed_session()
+    m.handle(ClientData(b"MAIL FROM:<a@mta.test>\r\n"), 1.0)
+    endless = b"250" + b"-" * 5000  # no line end, past max_reply_line (4096)
+    assert m.handle(UpstreamData(endless), 2.0) == [SendClient(endless), Splice()]
+    assert m.spliced
