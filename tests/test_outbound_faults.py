@@ -92,6 +92,7 @@ class MxConn:
     banner_at: float | None = None  # just before the banner was written
     messages: list[bytes] = field(default_factory=list)  # bodies up to (not incl.) the dot
     eof: bool = False
+    deaf: bool = False  # reads no more (stop_reading_after_354)
     buf: bytearray = field(default_factory=bytearray)
     changed: trio.Event = field(default_factory=trio.Event)
 
@@ -153,7 +154,8 @@ class FakeMX:
     sent instead of the normal one. Faults: ``sync_error`` (input before the banner gets
     554 and a close: an Exim without early pipelining), ``close_after_354``,
     ``silent_after`` (that verb and everything after it gets no reply),
-    ``verdict_delay`` (the end-of-data reply is held)."""
+    ``verdict_delay`` (the end-of-data reply is held), ``stop_reading_after_354`` (it
+    takes no more input: writes to it block once the socket buffers are full)."""
 
     banner: bytes = BANNER
     banner_delay: float = BANNER_DELAY
@@ -163,6 +165,7 @@ class FakeMX:
     close_after_354: bool = False
     silent_after: str = ""
     verdict_delay: float = 0.0
+    stop_reading_after_354: bool = False
     port: int = 0
     conns: list[MxConn] = field(default_factory=list)
     got_message: trio.Event = field(default_factory=trio.Event)  # an end of data came
@@ -192,6 +195,8 @@ class FakeMX:
 
     async def _read(self, stream: trio.SocketStream, conn: MxConn) -> None:
         while True:
+            if conn.deaf:
+                await trio.sleep_forever()
             try:
                 data = await stream.receive_some(65536)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -230,6 +235,9 @@ class FakeMX:
                     continue
                 if self.close_after_354:
                     return
+                if self.stop_reading_after_354:
+                    conn.deaf = True
+                    await trio.sleep_forever()
                 body = await conn.body()
                 if body is None:
                     return
@@ -756,6 +764,42 @@ async def test_mx_silent_after_mail_gets_421_after_the_reply_timeout(
     assert 1.0 <= took < 2.0, took
     assert mx.messages == []
     assert sample(p.metrics, "outbound_sessions_total", path="early", outcome="mx-timeout") == 1
+
+
+async def test_mx_that_stops_reading_mid_message_gets_the_mta_a_421(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer that stops reading: the proxy's write to the MX is bounded by
+    timeouts.command; when it runs out the MTA, still sending its message, gets
+    `421 4.4.2` (a deferral) and the session ends; the MX never saw an end of data."""
+    mx = FakeMX(stop_reading_after_354=True)
+    async with mx_and_proxy(tmp_path, monkeypatch, mx, timeouts={"command": 1}) as p:
+        learn(p, mx.port)
+        stream = await trio.open_tcp_stream("127.0.0.1", p.port)
+        async with stream:
+            mta = Mta(stream)
+            assert (await mta.reply()) is not None  # the cached banner
+            await mta.send(MTA_EHLO)
+            assert (await mta.reply()) is not None
+            await mta.send(b"MAIL FROM:<a@mta.test>\r\n" + GROUP.split(b"\r\n", 1)[1])
+            group = await mta.replies(3)
+            assert [r.code for r in group if r] == [250, 250, 354]
+            started = trio.current_time()
+
+            async def flood() -> None:  # far more than the socket buffers hold
+                with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    for _ in range(512):
+                        await stream.send_all((b"x" * 998 + b"\r\n") * 64)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(flood)
+                verdict = await mta.reply()
+                nursery.cancel_scope.cancel()
+        await p.settle(1)
+    assert verdict is not None and verdict.code == 421, verdict
+    assert verdict.lines[0].startswith(b"4.4.2 "), verdict
+    assert trio.current_time() - started < WAIT
+    assert mx.messages == []
 
 
 # ---------------------------------------------------------------- 9. QUIT behind the dot
